@@ -1,0 +1,97 @@
+"""The embedded default store: one directory per environment on local disk.
+
+    FILE_DATA_PATH/<environment>/terraform.tfstate   the state, as received
+    FILE_DATA_PATH/<environment>/lock.json           the lock, while held
+
+Every change is atomic and durable before the server answers (see
+`tylstore.write_file_durably`), and taking the lock is an exclusive create,
+so two server processes sharing FILE_DATA_PATH exclude each other.
+Directories are 0700 and files 0600: state holds secrets.
+"""
+
+import os
+import uuid
+
+from tylstore import (TYLPersistent, create_file_durably, fsync_directory, lock_id,
+                      write_file_durably)
+
+
+class FileBackend(TYLPersistent):
+    RAW_BYTES = True
+
+    def __init__(self, environment, constants, **kwargs):
+        self.environment = environment
+        self.root = constants.FILE_DATA_PATH
+        self.directory = os.path.join(self.root, environment)
+        self.state_path = os.path.join(self.directory, constants.TFSTATE_FILE_NAME)
+        self.lock_path = os.path.join(self.directory, 'lock.json')
+
+    def _make_directory(self):
+        """Create the environment's directory on its first change, not on a
+        read, so a mistyped name leaves nothing behind."""
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(self.directory, 0o700)
+        except FileExistsError:
+            return
+        fsync_directory(self.root)
+
+    def set_locked(self, state_obj, **kwargs):
+        self._make_directory()
+        return create_file_durably(self.lock_path, kwargs['raw_bytes'])
+
+    def set_unlocked(self, state_obj, **kwargs):
+        """Remove the lock; with an ID in `state_obj`, only that holder's.
+
+        The lock file is first renamed to a name of our own, so a lock that
+        another process takes meanwhile is never the one removed.
+        """
+        claimed = '%s.%s.releasing' % (self.lock_path, uuid.uuid4().hex)
+        try:
+            os.rename(self.lock_path, claimed)
+        except FileNotFoundError:
+            return False
+        wanted = state_obj.get('ID')
+        if wanted and lock_id(_read(claimed)) != wanted:
+            try:
+                os.link(claimed, self.lock_path)
+            except FileExistsError:
+                pass
+            os.unlink(claimed)
+            return False
+        os.unlink(claimed)
+        fsync_directory(self.directory)
+        return True
+
+    def get_lock_state(self):
+        return _read(self.lock_path).decode('utf-8')
+
+    def store_tfstate(self, tfstate_obj, **kwargs):
+        self._make_directory()
+        write_file_durably(self.state_path, kwargs['raw_bytes'])
+
+    def get_tfstate(self):
+        return _read(self.state_path)
+
+    def delete_tfstate(self, **kwargs):
+        try:
+            os.unlink(self.state_path)
+        except FileNotFoundError:
+            return
+        fsync_directory(self.directory)
+
+    def backend_status(self):
+        return {
+            'directory': self.directory,
+            'locked': os.path.exists(self.lock_path),
+            'state_bytes': len(_read(self.state_path)),
+        }
+
+
+def _read(path):
+    """The file's bytes, or b'' when it does not exist."""
+    try:
+        with open(path, 'rb') as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return b''
