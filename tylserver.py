@@ -307,15 +307,30 @@ class Environment(object):
         self.mutex = threading.Lock()
         self._backend = None
         self.post_processors = []
+        self.post_processor_failures = []
 
     @property
     def backend(self):
-        """The backend instance, created on first use (call under `mutex`)."""
+        """The backend instance, created on first use (call under `mutex`).
+
+        Post-processors are created with it; one that fails to start is
+        logged and left out, since notifications never fail a request.
+        """
         if self._backend is None:
             constants = self.plugins.constants
             backend = self.plugins.backend_class(self.name, constants)
-            self.post_processors = [cls(self.name, constants)
-                                    for cls in self.plugins.post_process_classes]
+            for cls in self.plugins.post_process_classes:
+                try:
+                    self.post_processors.append(cls(self.name, constants))
+                except Exception as error:
+                    log.exception('post-processor %s failed to start for env %s',
+                                  cls.__name__, self.name)
+                    self.post_processor_failures.append({
+                        'post_processor_module': cls.__name__,
+                        'num_errors_logged': 1,
+                        'recent_logged_error': 'failed to start: %s: %s' % (
+                            type(error).__name__, _one_line(error)),
+                    })
             self._backend = backend
         return self._backend
 
@@ -428,7 +443,7 @@ class Environment(object):
                     'num_errors_logged': p._logged_errors_,
                     'recent_logged_error': p._recent_error_,
                     'post_processor_status': p.post_processor_status(),
-                } for p in self.post_processors],
+                } for p in self.post_processors] + self.post_processor_failures,
             }
 
     def _raw_bytes(self, body):
@@ -483,6 +498,8 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
     """
 
     protocol_version = 'HTTP/1.1'
+    # Error replies to unparsable request lines still get a status line.
+    default_request_version = 'HTTP/1.0'
     server_version = 'TYL/' + __version__
 
     ROUTES = {
@@ -533,6 +550,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
             except Exception as error:
                 log.exception('backend error on %s %s', self.command, _printable(self.path))
                 reply, headers = text_reply(500, '%s: %s' % (type(error).__name__, _one_line(error))), []
+                self.close_connection = True
             if self.server.stopping:
                 self.close_connection = True
             self.send_reply(reply, headers)
@@ -548,10 +566,21 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def reply_method_not_allowed(self):
+        """Any method but ours; its body is not read, so the connection closes."""
+        reply = text_reply(405, 'method %s is not allowed' % _printable(self.command)[:32])
         self.close_connection = True
-        self.send_reply(text_reply(405, 'method %s is not allowed' % self.command),
-                        [('Allow', self.ALL_METHODS)])
-        self.log_access(Reply(405, b'', None), time.monotonic())
+        self.send_reply(reply, [('Allow', self.ALL_METHODS)])
+        self.log_access(reply, time.monotonic())
+
+    def parse_request(self):
+        """http.server's parsing, less HTTP/0.9: a request line without a
+        version would get an answer without a status line or headers."""
+        if not super().parse_request():
+            return False
+        if len(self.requestline.split()) != 3:
+            self.send_error(400, 'request line needs a method, a path and an HTTP version')
+            return False
+        return True
 
     # -- the actions --------------------------------------------------------
 
@@ -579,24 +608,28 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         status = {
             'backend_module': constants.BACKEND_CLASS,
             'post_processor_modules': constants.POST_PROCESS_CLASSES,
-            'environments': [env.status() for _, env in self.server.environments.snapshot()],
+            'environments': [_status_or_error(env) for _, env in self.server.environments.snapshot()],
         }
         return Reply(200, json.dumps(status, indent=2).encode('utf-8'), JSON)
 
     # -- request parsing ----------------------------------------------------
 
     def parse_query(self, query):
+        """The query parameters; a name given twice is refused, wherever it
+        is used, so no two parts of the server can read different values."""
         try:
-            return parse_qs(query, keep_blank_values=True, max_num_fields=32)
+            query = parse_qs(query, keep_blank_values=True, max_num_fields=32)
         except ValueError as error:
             raise Refusal(400, 'bad query string: %s' % error)
+        for name, values in query.items():
+            if len(values) > 1:
+                raise Refusal(400, 'query parameter %s is given %d times'
+                              % (_printable(name)[:64], len(values)))
+        return query
 
     def query_value(self, name):
-        """The one value of query parameter `name`, or None when absent."""
-        values = self.query.get(name, [])
-        if len(values) > 1:
-            raise Refusal(400, 'query parameter %s is given %d times' % (name, len(values)))
-        return values[0] if values else None
+        """The value of query parameter `name`, or None when absent."""
+        return self.query.get(name, [None])[0]
 
     def environment(self):
         name = self.query_value('env')
@@ -618,20 +651,23 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         encoding = self.headers.get_all('Transfer-Encoding', [])
         if encoding and length:
             raise Refusal(400, 'both Content-Length and Transfer-Encoding given', close=True)
-        if encoding:
-            if [e.strip().lower() for e in encoding] != ['chunked']:
-                raise Refusal(400, 'unsupported Transfer-Encoding %s' % _printable(', '.join(encoding)),
-                              close=True)
-            body = self.read_chunked_body()
-        elif length:
-            body = self.read_sized_body(length)
-        else:
-            body = b''
+        if encoding and [e.strip().lower() for e in encoding] != ['chunked']:
+            raise Refusal(400, 'unsupported Transfer-Encoding %s' % _printable(', '.join(encoding)),
+                          close=True)
+        try:
+            if encoding:
+                body = self.read_chunked_body()
+            elif length:
+                body = self.read_sized_body(length)
+            else:
+                body = b''
+        except socket.timeout:
+            raise Refusal(408, 'no body data for %s seconds' % self.timeout, close=True)
         self.check_content_md5(body)
         return body
 
     def read_sized_body(self, length):
-        if len(length) > 1 or not length[0].strip().isdigit():
+        if len(length) > 1 or not re.fullmatch(r'[0-9]{1,20}', length[0].strip()):
             raise Refusal(400, 'bad Content-Length', close=True)
         size = int(length[0])
         if size > self.server.constants.MAX_BODY_BYTES:
@@ -696,9 +732,9 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         """Errors found by http.server itself (bad request line, headers too
         large): one plain line like every other refusal, then close."""
         self.close_connection = True
-        reason = message or self.responses.get(code, ('error',))[0]
-        self.send_reply(text_reply(code, reason))
-        self.log_access(Reply(code, b'', None), time.monotonic())
+        reply = text_reply(code, message or self.responses.get(code, ('error',))[0])
+        self.send_reply(reply)
+        self.log_access(reply, time.monotonic())
 
     def log_access(self, reply, started):
         log.info('%s "%s %s" env=%s status=%d bytes=%d ms=%.1f lock=%s',
@@ -711,6 +747,16 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log.warning('%s %s', self.client_address[0], _printable(format % args))
+
+
+def _status_or_error(environment):
+    """One environment's status; a failing backend shows its error, so that
+    one broken environment does not hide the others."""
+    try:
+        return environment.status()
+    except Exception as error:
+        return {'environment_name': environment.name,
+                'error': '%s: %s' % (type(error).__name__, _one_line(error))}
 
 
 def _content_md5(body):
@@ -775,6 +821,13 @@ class TYLServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.connection_slots.release()
+
+    def handle_error(self, request, client_address):
+        """A connection ended by an error outside any request's answer, most
+        often a client that went away: one log line, not a traceback on stderr."""
+        error = sys.exc_info()[1]
+        log.warning('%s connection ended: %s: %s', client_address[0], type(error).__name__,
+                    _printable(str(error)))
 
     @contextlib.contextmanager
     def request_in_flight(self):
