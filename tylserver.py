@@ -125,6 +125,7 @@ CONFIG_KEYS = {
     'SSL_PRIVATE_KEY': ('ssl/private.key', _check_string),
     'HELPER_HOSTNAME_QUERY_MAP': ({}, _check_string_map),
     'FILE_DATA_PATH': ('data', _check_string),
+    'SQLITE_DB_PATH': ('tyl.sqlite3', _check_string),
     'MAX_BODY_BYTES': (256 * 1024 * 1024, _check_int(1)),
     'FORCE_UNLOCK': (True, _check_bool),
     'REQUEST_TIMEOUT': (60, _check_seconds),
@@ -132,7 +133,7 @@ CONFIG_KEYS = {
 }
 
 # Keys holding a path, resolved against the directory of the config file.
-PATH_KEYS = ('FILE_DATA_PATH', 'SSL_PUBLIC_KEY', 'SSL_PRIVATE_KEY')
+PATH_KEYS = ('FILE_DATA_PATH', 'SQLITE_DB_PATH', 'SSL_PUBLIC_KEY', 'SSL_PRIVATE_KEY')
 
 ENVIRONMENT_OVERRIDE = re.compile(r'TYL_([A-Z][A-Z0-9_]*)')
 

@@ -43,15 +43,18 @@ class FileBackend(TYLPersistent):
     def set_unlocked(self, state_obj, **kwargs):
         """Remove the lock; with an ID in `state_obj`, only that holder's.
 
-        The lock file is first renamed to a name of our own, so a lock that
-        another process takes meanwhile is never the one removed.
+        The lock file is renamed to a name of our own before it is removed,
+        so a lock that another process takes meanwhile is never the one
+        removed; it is put back if it changed hands since it was read.
         """
+        wanted = state_obj.get('ID')
+        if wanted and lock_id(_read(self.lock_path)) != wanted:
+            return False
         claimed = '%s.%s.releasing' % (self.lock_path, uuid.uuid4().hex)
         try:
             os.rename(self.lock_path, claimed)
         except FileNotFoundError:
             return False
-        wanted = state_obj.get('ID')
         if wanted and lock_id(_read(claimed)) != wanted:
             try:
                 os.link(claimed, self.lock_path)

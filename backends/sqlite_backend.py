@@ -1,0 +1,143 @@
+"""A store in one SQLite database file, shared by every environment.
+
+    SQLITE_DB_PATH (default tyl.sqlite3, relative to the config file's directory)
+        table tfstate(environment, state)    the state, as the exact bytes received
+        table tflock(environment, id, info)  the lock while held, as the exact bytes received
+
+Only the standard library's sqlite3 is used.  The database is created in
+WAL mode and used with synchronous=FULL, so every change is on disk before
+the server answers and readers never wait for a writer.  Each change is one
+autocommit statement, so a crash leaves the old value or the new, and taking
+the lock is a single INSERT OR IGNORE, so several server processes on this
+host sharing the file exclude each other.  The file is created 0600 (SQLite
+gives its -wal and -shm files the same mode): state holds secrets.  SQLite
+limits a BLOB to 1 GB, far above MAX_BODY_BYTES.
+"""
+
+import os
+import sqlite3
+import tempfile
+import threading
+
+from tylstore import TYLPersistent, create_file_durably, lock_id
+
+# Seconds a statement waits for another connection's write before failing
+# with "database is locked"; one write of a large state can take seconds.
+BUSY_TIMEOUT = 60
+
+SCHEMA = """
+CREATE TABLE tfstate (
+    environment TEXT PRIMARY KEY,
+    state BLOB NOT NULL
+);
+CREATE TABLE tflock (
+    environment TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    info BLOB NOT NULL
+);
+"""
+
+
+class SQLiteBackend(TYLPersistent):
+    RAW_BYTES = True
+
+    def __init__(self, environment, constants, **kwargs):
+        self.environment = environment
+        self.path = constants.SQLITE_DB_PATH
+        if not os.path.exists(self.path):
+            _create_database(self.path)
+
+    @property
+    def db(self):
+        return _connection(self.path)
+
+    def _value(self, query):
+        """The one column of the environment's row, or None without a row."""
+        row = self.db.execute(query, (self.environment,)).fetchone()
+        return row[0] if row else None
+
+    def set_locked(self, state_obj, **kwargs):
+        """One statement, so two processes racing cannot both insert."""
+        raw = kwargs['raw_bytes']
+        inserted = self.db.execute(
+            'INSERT OR IGNORE INTO tflock (environment, id, info) VALUES (?, ?, ?)',
+            (self.environment, lock_id(raw), raw))
+        return inserted.rowcount == 1
+
+    def set_unlocked(self, state_obj, **kwargs):
+        """Remove the lock; with an ID in `state_obj`, only that holder's.
+        One statement, so a lock taken meanwhile by another process is
+        never the one removed."""
+        wanted = state_obj.get('ID') or ''
+        deleted = self.db.execute(
+            "DELETE FROM tflock WHERE environment = ? AND (? = '' OR id = ?)",
+            (self.environment, wanted, wanted))
+        return deleted.rowcount == 1
+
+    def get_lock_state(self):
+        info = self._value('SELECT info FROM tflock WHERE environment = ?')
+        return info.decode('utf-8') if info is not None else ''
+
+    def store_tfstate(self, tfstate_obj, **kwargs):
+        """One statement, one transaction: never half a state."""
+        self.db.execute('INSERT OR REPLACE INTO tfstate (environment, state) VALUES (?, ?)',
+                        (self.environment, kwargs['raw_bytes']))
+
+    def get_tfstate(self):
+        return self._value('SELECT state FROM tfstate WHERE environment = ?') or b''
+
+    def delete_tfstate(self, **kwargs):
+        self.db.execute('DELETE FROM tfstate WHERE environment = ?', (self.environment,))
+
+    def backend_status(self):
+        return {
+            'database': self.path,
+            'locked': bool(self._value('SELECT 1 FROM tflock WHERE environment = ?')),
+            'state_bytes': self._value('SELECT length(state) FROM tfstate WHERE environment = ?') or 0,
+        }
+
+
+_per_thread = threading.local()
+
+
+def _connection(path):
+    """This thread's connection to the database at `path`.
+
+    Connections belong to the serving threads, not to the environments:
+    ten thousand environments then need no more file descriptors than
+    there are connections to the server (MAX_CONNECTIONS), and readers of
+    different environments still read side by side under WAL.  A thread's
+    connections close when it ends.
+    """
+    connections = _per_thread.__dict__.setdefault('connections', {})
+    if path not in connections:
+        # isolation_level=None: no implicit transactions, every statement
+        # commits on its own.
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        # WAL's default (NORMAL) may lose the last commits on power loss;
+        # FULL syncs the log on every commit, before the server answers.
+        db.execute('PRAGMA synchronous=FULL')
+        connections[path] = db
+    return connections[path]
+
+
+def _create_database(path):
+    """Create the database at `path`, in WAL mode with its tables, unless
+    another process does first.
+
+    Switching a file into WAL mode fails at once, without waiting, while
+    another connection has it open, so a new file is never switched in
+    place: it is built aside and appears complete under its name, 0600
+    (see `tylstore.create_file_durably`).
+    """
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        built = os.path.join(scratch, 'new.sqlite3')
+        db = sqlite3.connect(built, isolation_level=None)
+        db.execute('PRAGMA journal_mode=WAL')
+        db.executescript(SCHEMA)
+        db.close()
+        with open(built, 'rb') as stream:
+            content = stream.read()
+    create_file_durably(path, content)

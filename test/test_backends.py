@@ -1,0 +1,519 @@
+"""One conformance suite for every store in backends/.
+
+Like Terraform's shared remote-state tests (remote.TestClient and
+remote.TestRemoteLocks), every test runs against each entry of BACKENDS.
+An entry names the store's BACKEND_CLASS, the config it needs and the
+capabilities it claims; adding a backend is adding one line.
+
+Instances are built as the server builds them: `tylserver.load_config` on a
+config file in the test's directory, then `tylserver.load_plugins`.  Every
+further instance on the same config shares the same storage, so it models a
+second server process, or the same server after a restart.  Backends are
+called as `tylserver.Environment` calls them (see `call`).
+
+A test needing a capability a backend does not claim is reported as skipped
+with the reason, never left out silently.
+"""
+
+import collections
+import gc
+import hashlib
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+import tylserver
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# persistent: state and lock live in storage that every instance on the same
+#     config shares and that outlives the instance (restart, second process,
+#     kill -9).
+# checks_unlock_id: set_unlocked with an ID releases only the lock of that ID.
+Backend = collections.namedtuple('Backend', 'name backend_class config persistent checks_unlock_id')
+
+BACKENDS = [
+    Backend('file', 'file_backend.FileBackend', {'FILE_DATA_PATH': 'store'},
+            persistent=True, checks_unlock_id=True),
+    Backend('sqlite', 'sqlite_backend.SQLiteBackend', {'SQLITE_DB_PATH': 'store/tyl.sqlite3'},
+            persistent=True, checks_unlock_id=True),
+    Backend('template', 'TEMPLATE_backend.TemplateBackend', {'YES_I_KNOW_WHAT_I_AM_DOING': True},
+            persistent=False, checks_unlock_id=False),
+]
+
+MB = 1024 * 1024
+KILL_STATE_BYTES = 20 * MB
+KILL_ROUNDS = 4
+LARGE_STATE_BYTES = 50 * MB
+RACERS = 8
+RACE_ROUNDS = 25
+# Seconds any one wait in this file may last before the test fails.
+DEADLINE = 60
+
+
+def each_backend(*needs):
+    """Parametrize the `store` fixture over BACKENDS.  A backend without one
+    of the capabilities in `needs` is skipped, the reason naming it."""
+    params = []
+    for backend in BACKENDS:
+        missing = [need for need in needs if not getattr(backend, need)]
+        marks = [pytest.mark.skip(reason='%s backend does not claim %s'
+                                  % (backend.name, ', '.join(missing)))] if missing else []
+        params.append(pytest.param(backend, id=backend.name, marks=marks))
+    return pytest.mark.parametrize('store', params, indirect=True)
+
+
+class Store(object):
+    """One backend's storage under `workdir`, with the config file that
+    names it; each `new()` is one more instance on it."""
+
+    def __init__(self, backend, workdir):
+        self.backend = backend
+        self.workdir = workdir
+        self.storage = os.path.join(workdir, 'store')
+        self.config_path = os.path.join(workdir, 'config.yaml')
+        os.makedirs(workdir, exist_ok=True)
+        # The plugin path is the built-in one, already on sys.path, so that
+        # the many stores of a run do not each add a directory to it.
+        config = dict(backend.config, BACKEND_CLASS=backend.backend_class,
+                      BACKEND_PLUGINS_PATH=os.path.join(ROOT, 'backends'))
+        with open(self.config_path, 'w') as stream:
+            yaml.safe_dump(config, stream)
+        self.constants, self.cls = load(self.config_path)
+
+    def new(self, environment='env'):
+        """A new instance on the same storage: another server process."""
+        return self.cls(environment, self.constants)
+
+
+def load(config_path):
+    """(constants, backend class) exactly as tylserver.main gets them."""
+    constants = tylserver.load_config(config_path, environ={})
+    return constants, tylserver.load_plugins(constants).backend_class
+
+
+@pytest.fixture
+def store(request, tmp_path):
+    return Store(request.param, str(tmp_path))
+
+
+# -- calling a backend the way the server does -------------------------------
+
+def server_arguments(instance, body):
+    """(object, kwargs) that tylserver.Environment passes for request `body`:
+    the parsed object, `raw` text, and `raw_bytes` only for RAW_BYTES."""
+    obj, text = tylserver.parse_json_object(body, 'body')
+    kwargs = {'raw': text}
+    if type(instance).RAW_BYTES:
+        kwargs['raw_bytes'] = body
+    return obj, kwargs
+
+
+def call(instance, method_name, body):
+    obj, kwargs = server_arguments(instance, body)
+    return getattr(instance, method_name)(obj, **kwargs)
+
+
+def lock(instance, body):
+    return call(instance, 'set_locked', body)
+
+
+def unlock(instance, body):
+    return call(instance, 'set_unlocked', body)
+
+
+def force_unlock(instance):
+    """Terraform's force-unlock, as the server passes it: no ID."""
+    return call(instance, 'set_unlocked', b'{}')
+
+
+def store_state(instance, body):
+    return call(instance, 'store_tfstate', body)
+
+
+def as_bytes(value):
+    """A stored state or lock as bytes, whichever of bytes, text or object
+    the backend returned; b'' for an empty value."""
+    if not value:
+        return b''
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode('utf-8')
+    return json.dumps(value).encode('utf-8')
+
+
+def is_stored(instance, got, body):
+    """Whether `got` is `body`: byte for byte for a RAW_BYTES backend, else
+    as JSON."""
+    got = as_bytes(got)
+    if type(instance).RAW_BYTES:
+        return got == body
+    return bool(got) and json.loads(got.decode('utf-8')) == json.loads(body.decode('utf-8'))
+
+
+def assert_stored(instance, got, body):
+    """Large values are summarized on failure, never diffed."""
+    assert is_stored(instance, got, body), 'stored %s, expected %s' % (
+        summary(as_bytes(got)), summary(body))
+
+
+def summary(data):
+    if len(data) <= 300:
+        return repr(data)
+    return '%d bytes sha256 %s, starting %r' % (len(data), hashlib.sha256(data).hexdigest()[:16],
+                                                data[:80])
+
+
+def lock_body(lock_id, who='alice'):
+    """LockInfo as Terraform sends it, with unusual order, spacing and text,
+    so that only a byte-exact store gives it back unchanged."""
+    return ('{"Operation":"OperationTypeApply",  "ID":"%s","Info":"caf\\u00e9 \u2028 \U0001F996",'
+            '"Who":"%s@host","Version":"1.6.0","Created":"2024-02-29T23:59:59.999999999Z",'
+            '"Path":""}\n' % (lock_id, who)).encode('utf-8')
+
+
+L1 = lock_body('11111111-1111-1111-1111-111111111111')
+L2 = lock_body('22222222-2222-2222-2222-222222222222', who='bob')
+
+TRICKY_STATE = (
+    '{"serial":  123456789012345678901234567890, "version" :4,\r\n'
+    '\t"lineage":"0c4e\u2028\u2029-\U0001F996", "terraform_version":"1.6.0",\n'
+    ' "outputs":{"z":{"value":1e400,"type":"number"},"a":{"value":-0.0,"type":"number"},'
+    '"big":{"value":-999999999999999999999999999999,"type":"number"},'
+    '"s":{"value":"\\ud83e\\udd96 \U0001F996 \\u2028 \u00e9 e\u0301 \\" \\\\ \\/","type":"string"},'
+    '"dup":{"value":1,"value":2}},\n'
+    ' "resources" : [ ] ,"check_results":null }   \n'
+).encode('utf-8')
+
+SMALL_STATE = b'{"version":4,"serial":2,"lineage":"x","outputs":{},"resources":[]}'
+
+
+def big_state(label, size):
+    """A valid state of at least `size` bytes in which every chunk names
+    `label`: a mixture of two such states equals neither."""
+    chunk = '%s:0123456789abcdef-\u00fc-\U0001F996-' % label
+    count = size // len(chunk.encode('utf-8')) + 1
+    return ('{"version":4,"serial":1,"lineage":"%s","terraform_version":"1.6.0",'
+            '"outputs":{"blob":{"type":"string","value":"%s"}},"resources":[]}\n'
+            % (label, chunk * count)).encode('utf-8')
+
+
+def run_threads(targets):
+    """Run each callable in its own thread; re-raise the first error."""
+    errors = []
+
+    def guarded(target):
+        try:
+            target()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(target,), daemon=True) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE)
+        assert not thread.is_alive(), 'a thread is still running after %d s' % DEADLINE
+    if errors:
+        raise errors[0]
+
+
+# -- state -------------------------------------------------------------------
+
+@each_backend()
+def test_no_state_and_no_lock_read_as_empty(store):
+    instance = store.new()
+    assert as_bytes(instance.get_tfstate()) == b''
+    assert as_bytes(instance.get_lock_state()) == b''
+
+
+@each_backend()
+def test_state_round_trip_is_exact(store):
+    instance = store.new()
+    assert store_state(instance, TRICKY_STATE) is None
+    assert_stored(instance, instance.get_tfstate(), TRICKY_STATE)
+
+
+@each_backend()
+def test_smaller_state_replaces_larger_one_entirely(store):
+    instance = store.new()
+    store_state(instance, big_state('A', 64 * 1024))
+    store_state(instance, SMALL_STATE)
+    assert_stored(instance, instance.get_tfstate(), SMALL_STATE)
+
+
+@each_backend()
+def test_large_state_round_trip(store):
+    body = big_state('L', LARGE_STATE_BYTES)
+    instance = store.new()
+    store_state(instance, body)
+    assert_stored(instance, instance.get_tfstate(), body)
+
+
+@each_backend()
+def test_delete_state_where_supported(store):
+    instance = store.new()
+    if not type(instance).supports('delete_tfstate'):
+        # The contract's answer for "not supported"; the server makes it a 405.
+        with pytest.raises(NotImplementedError):
+            instance.delete_tfstate()
+        return
+    instance.delete_tfstate()  # no state yet: nothing to do, no error
+    store_state(instance, TRICKY_STATE)
+    assert lock(instance, L1)
+    instance.delete_tfstate()
+    assert as_bytes(instance.get_tfstate()) == b''
+    assert_stored(instance, instance.get_lock_state(), L1)
+    store_state(instance, SMALL_STATE)
+    assert_stored(instance, instance.get_tfstate(), SMALL_STATE)
+
+
+@each_backend()
+def test_environments_are_isolated(store):
+    one, two = store.new('env-one'), store.new('env-two')
+    store_state(one, TRICKY_STATE)
+    assert lock(one, L1)
+    assert as_bytes(two.get_tfstate()) == b''
+    assert as_bytes(two.get_lock_state()) == b''
+    assert lock(two, L2)
+    assert force_unlock(two)
+    assert_stored(one, one.get_lock_state(), L1)
+    if type(two).supports('delete_tfstate'):
+        two.delete_tfstate()
+    assert_stored(one, one.get_tfstate(), TRICKY_STATE)
+
+
+@each_backend()
+def test_backend_status_is_json(store):
+    instance = store.new()
+    json.dumps(instance.backend_status())
+    store_state(instance, SMALL_STATE)
+    assert lock(instance, L1)
+    json.dumps(instance.backend_status())
+
+
+# -- the lock ------------------------------------------------------------------
+
+@each_backend()
+def test_lock_is_stored_exactly(store):
+    instance = store.new()
+    assert lock(instance, L1)
+    assert_stored(instance, instance.get_lock_state(), L1)
+
+
+@each_backend()
+def test_same_id_again_while_held_is_refused(store):
+    # The server answers a same-ID retry with 200 before calling set_locked;
+    # the backend itself only sees "already held".
+    instance = store.new()
+    assert lock(instance, L1)
+    assert not lock(instance, L1)
+    assert_stored(instance, instance.get_lock_state(), L1)
+
+
+@each_backend()
+def test_conflicting_lock_is_refused_and_holder_kept(store):
+    instance = store.new()
+    assert lock(instance, L1)
+    assert not lock(instance, L2)
+    assert_stored(instance, instance.get_lock_state(), L1)
+
+
+@each_backend()
+def test_unlock_releases_and_lock_can_be_taken_again(store):
+    instance = store.new()
+    assert lock(instance, L1)
+    assert unlock(instance, L1)
+    assert as_bytes(instance.get_lock_state()) == b''
+    assert lock(instance, L2)
+    assert_stored(instance, instance.get_lock_state(), L2)
+
+
+@each_backend()
+def test_unlock_when_free_returns_false(store):
+    instance = store.new()
+    assert not unlock(instance, L1)
+    assert not force_unlock(instance)
+    assert lock(instance, L1)
+    assert unlock(instance, L1)
+    assert not unlock(instance, L1)
+
+
+@each_backend('checks_unlock_id')
+def test_unlock_with_another_id_keeps_the_lock(store):
+    instance = store.new()
+    assert lock(instance, L1)
+    assert not unlock(instance, L2)
+    assert_stored(instance, instance.get_lock_state(), L1)
+    assert unlock(instance, L1)
+
+
+@each_backend()
+def test_force_unlock_always_releases(store):
+    instance = store.new()
+    assert lock(instance, L1)
+    assert force_unlock(instance)
+    assert as_bytes(instance.get_lock_state()) == b''
+
+
+@each_backend()
+def test_instance_works_from_any_thread(store):
+    # The server creates an instance in one handler thread and calls it
+    # from whichever thread serves the next request (one at a time).
+    instance = store.new()
+    steps = [lambda: store_state(instance, SMALL_STATE),
+             lambda: assert_stored(instance, instance.get_tfstate(), SMALL_STATE),
+             lambda: lock(instance, L1),
+             lambda: assert_stored(instance, instance.get_lock_state(), L1),
+             lambda: unlock(instance, L1)]
+    for step in steps:
+        run_threads([step])
+    assert as_bytes(instance.get_lock_state()) == b''
+
+
+# -- several instances on the same storage ------------------------------------
+
+@each_backend('persistent')
+def test_two_instances_see_one_lock_and_one_state(store):
+    one, two = store.new(), store.new()
+    assert lock(one, L1)
+    assert not lock(two, L2)
+    assert_stored(two, two.get_lock_state(), L1)
+    if store.backend.checks_unlock_id:
+        assert not unlock(two, L2)
+    store_state(one, TRICKY_STATE)
+    assert_stored(two, two.get_tfstate(), TRICKY_STATE)
+    assert unlock(one, L1)
+    assert lock(two, L2)
+    assert not lock(one, L1)
+    assert_stored(one, one.get_lock_state(), L2)
+    assert force_unlock(one)
+    assert as_bytes(two.get_lock_state()) == b''
+
+
+@each_backend('persistent')
+def test_racing_instances_exactly_one_takes_the_lock(store):
+    for round_number in range(RACE_ROUNDS):
+        # Fresh storage each round: the racers first race to set it up.
+        fresh = Store(store.backend, os.path.join(store.workdir, 'round-%d' % round_number))
+        barrier = threading.Barrier(RACERS, timeout=DEADLINE)
+        bodies = [lock_body('race-%d-%d' % (round_number, n), who='racer%d' % n)
+                  for n in range(RACERS)]
+        results = [None] * RACERS
+
+        def racer(n):
+            barrier.wait()
+            try:
+                instance = fresh.new()
+            except BaseException:
+                barrier.abort()  # the others fail now, not after DEADLINE
+                raise
+            barrier.wait()
+            results[n] = bool(lock(instance, bodies[n]))
+
+        run_threads([lambda n=n: racer(n) for n in range(RACERS)])
+        assert results.count(True) == 1, 'round %d: %r' % (round_number, results)
+        checker = fresh.new()
+        assert_stored(checker, checker.get_lock_state(), bodies[results.index(True)])
+        assert force_unlock(checker)
+
+
+@each_backend('persistent')
+def test_lock_and_state_survive_a_restart(store):
+    before = store.new()
+    store_state(before, TRICKY_STATE)
+    assert lock(before, L1)
+    del before
+    gc.collect()
+    after = store.new()
+    assert_stored(after, after.get_tfstate(), TRICKY_STATE)
+    assert_stored(after, after.get_lock_state(), L1)
+    assert unlock(after, L1)
+
+
+@each_backend('persistent')
+def test_stored_files_are_private(store):
+    instance = store.new()
+    store_state(instance, SMALL_STATE)
+    assert lock(instance, L1)
+    for directory, _, files in os.walk(store.storage):
+        for path in [directory] + [os.path.join(directory, name) for name in files]:
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            assert mode & 0o077 == 0, '%s is %o: state holds secrets' % (path, mode)
+
+
+# -- kill -9 in the middle of a write ------------------------------------------
+
+# The writer: loop storing states B, A, B, ... through its own instance, and
+# mark each call's start (S) and end (D) on stdout, unbuffered.
+WRITER = r'''
+import os, sys, time
+root, here, config_path, ready_path, size = sys.argv[1:6]
+sys.path[:0] = [root, here]
+from test_backends import big_state, load, server_arguments
+constants, cls = load(config_path)
+instance = cls('env', constants)
+writes = [server_arguments(instance, big_state(label, int(size))) for label in 'BA']
+open(ready_path, 'w').close()
+deadline = time.monotonic() + %d
+for number in range(10000):
+    if time.monotonic() > deadline:
+        break
+    obj, kwargs = writes[number %% 2]
+    os.write(1, b'S\n')
+    instance.store_tfstate(obj, **kwargs)
+    os.write(1, b'D\n')
+''' % DEADLINE
+
+
+def wait_for_file(path, process):
+    deadline = time.monotonic() + DEADLINE
+    while not os.path.exists(path):
+        assert process.poll() is None, 'the writer exited with %s' % process.returncode
+        assert time.monotonic() < deadline, 'the writer did not start in %d s' % DEADLINE
+        time.sleep(0.005)
+
+
+@each_backend('persistent')
+def test_kill_during_write_leaves_old_or_new_state(store):
+    state_a, state_b = big_state('A', KILL_STATE_BYTES), big_state('B', KILL_STATE_BYTES)
+    instance = store.new()
+    started = time.monotonic()
+    store_state(instance, state_a)
+    write_seconds = time.monotonic() - started
+    mid_write_kills = 0
+    for round_number in range(KILL_ROUNDS):
+        ready = os.path.join(store.workdir, 'ready-%d' % round_number)
+        marks = os.path.join(store.workdir, 'marks-%d' % round_number)
+        with open(marks, 'wb') as marks_stream:
+            writer = subprocess.Popen(
+                [sys.executable, '-c', WRITER, ROOT, HERE, store.config_path, ready,
+                 str(KILL_STATE_BYTES)], stdout=marks_stream, stdin=subprocess.DEVNULL)
+        try:
+            wait_for_file(ready, writer)
+            time.sleep(random.uniform(0, min(3 * write_seconds + 0.05, 2.0)))
+        finally:
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(DEADLINE)
+        with open(marks, 'rb') as marks_stream:
+            mid_write_kills += marks_stream.read().endswith(b'S\n')
+        reader = store.new()
+        state = reader.get_tfstate()
+        assert is_stored(reader, state, state_a) or is_stored(reader, state, state_b), \
+            'round %d: torn state: %s' % (round_number, summary(as_bytes(state)))
+    assert mid_write_kills, 'no kill landed inside store_tfstate; the test proved nothing'
+    after = store.new()
+    store_state(after, SMALL_STATE)
+    assert_stored(after, after.get_tfstate(), SMALL_STATE)
+    assert lock(after, L1)
