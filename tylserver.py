@@ -27,7 +27,7 @@ import ssl
 import sys
 import threading
 import time
-from collections import namedtuple
+from collections import defaultdict, namedtuple
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
@@ -95,6 +95,29 @@ def _check_list_of(check_item):
     return check
 
 
+def _check_optional(check):
+    """Accept an unset key (null or an empty string) as None."""
+    def checked(key, value):
+        return None if value is None or value == '' else check(key, value)
+    return checked
+
+
+def _check_format(key, value):
+    """A str.format template of LockInfo fields, as '{Who} {ID}': checked
+    now, with every field empty, rather than failing at each lock."""
+    try:
+        _check_string(key, value).format_map(defaultdict(str))
+    except (ValueError, LookupError, AttributeError) as error:
+        raise ConfigError('%s is not a valid template of {LockInfo fields}: %s' % (key, error))
+    return value
+
+
+def _check_file_name(key, value):
+    if not isinstance(value, str) or value in ('', '.', '..') or '/' in value or '\0' in value:
+        raise ConfigError('%s must be a file name, without "/", not %r' % (key, value))
+    return value
+
+
 def _check_log_level(key, value):
     levels = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
     if not isinstance(value, str) or value.upper() not in levels:
@@ -126,6 +149,21 @@ CONFIG_KEYS = {
     'HELPER_HOSTNAME_QUERY_MAP': ({}, _check_string_map),
     'FILE_DATA_PATH': ('data', _check_string),
     'SQLITE_DB_PATH': ('tyl.sqlite3', _check_string),
+    'PYSHELVE_DATA_PATH': ('data', _check_string),
+    'PYSHELVE_DB_FILE_NAME': ('_terraform_state', _check_string),
+    'AES_SECRET_KEY': (None, _check_optional(_check_string)),
+    'AES_KEY_FILE': (None, _check_optional(_check_string)),
+    'AES_OLD_KEYS': ([], _check_list_of(_check_string)),
+    'AES_OLD_KEY_FILES': ([], _check_list_of(_check_string)),
+    'GIT_REPOSITORY': (None, _check_optional(_check_string)),
+    'GIT_WORKING_PATH': ('tyl.git', _check_string),
+    'GIT_DEFAULT_CLONE_BRANCH': ('master', _check_string),
+    'GIT_USER_NAME': ('TYL', _check_string),
+    'GIT_USER_EMAIL': ('tyl@localhost', _check_string),
+    'GIT_COMMIT_MESSAGE_FORMAT': ('{Who}, {Operation} - {ID}', _check_format),
+    'GIT_STATE_CHANGE_LOG_FILENAME': ('state_change.log', _check_file_name),
+    'GIT_STATE_CHANGE_LOG_FORMAT': ('{Created} - {Operation}: {Who} {ID}', _check_format),
+    'GIT_STATE_CHANGE_LOG_SCROLLBACK': (300, _check_int(1)),
     'MAX_BODY_BYTES': (256 * 1024 * 1024, _check_int(1)),
     'FORCE_UNLOCK': (True, _check_bool),
     'REQUEST_TIMEOUT': (60, _check_seconds),
@@ -133,7 +171,8 @@ CONFIG_KEYS = {
 }
 
 # Keys holding a path, resolved against the directory of the config file.
-PATH_KEYS = ('FILE_DATA_PATH', 'SQLITE_DB_PATH', 'SSL_PUBLIC_KEY', 'SSL_PRIVATE_KEY')
+PATH_KEYS = ('FILE_DATA_PATH', 'SQLITE_DB_PATH', 'PYSHELVE_DATA_PATH', 'SSL_PUBLIC_KEY', 'SSL_PRIVATE_KEY',
+             'AES_KEY_FILE', 'AES_OLD_KEY_FILES', 'GIT_WORKING_PATH')
 
 ENVIRONMENT_OVERRIDE = re.compile(r'TYL_([A-Z][A-Z0-9_]*)')
 
@@ -165,11 +204,21 @@ def load_config(path=None, environ=None):
     for key, (default, check) in CONFIG_KEYS.items():
         settings[key] = check(key, settings.get(key, default))
     for key in PATH_KEYS:
-        settings[key] = os.path.join(base, os.path.expanduser(settings[key]))
+        settings[key] = _resolve_path(base, settings[key])
     settings['BACKEND_PLUGINS_PATH'] = [
         os.path.join(base, os.path.expanduser(p)) for p in settings['BACKEND_PLUGINS_PATH']]
     settings['CONFIG_DIR'] = base
     return type('C', (tylstore.C,), settings)
+
+
+def _resolve_path(base, value):
+    """A path key's value, relative to `base`: one path, a list of them,
+    or None for an optional key left unset."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [_resolve_path(base, item) for item in value]
+    return os.path.join(base, os.path.expanduser(value))
 
 
 def _read_yaml_file(path):

@@ -36,9 +36,20 @@ class FileBackend(TYLPersistent):
             return
         fsync_directory(self.root)
 
+    # Every file goes through these two, `role` naming it ('state' or
+    # 'lock'), so a subclass can store another form of the same bytes
+    # (aes_backend encrypts them) and reuse all the rest.
+    def _dump(self, role, data):
+        """The bytes to write for `data`."""
+        return data
+
+    def _load(self, role, path):
+        """The data in the file `path`, b'' when it does not exist."""
+        return _read(path)
+
     def set_locked(self, state_obj, **kwargs):
         self._make_directory()
-        return create_file_durably(self.lock_path, kwargs['raw_bytes'])
+        return create_file_durably(self.lock_path, self._dump('lock', kwargs['raw_bytes']))
 
     def set_unlocked(self, state_obj, **kwargs):
         """Remove the lock; with an ID in `state_obj`, only that holder's.
@@ -48,14 +59,14 @@ class FileBackend(TYLPersistent):
         removed; it is put back if it changed hands since it was read.
         """
         wanted = state_obj.get('ID')
-        if wanted and lock_id(_read(self.lock_path)) != wanted:
+        if wanted and lock_id(self._load('lock', self.lock_path)) != wanted:
             return False
         claimed = '%s.%s.releasing' % (self.lock_path, uuid.uuid4().hex)
         try:
             os.rename(self.lock_path, claimed)
         except FileNotFoundError:
             return False
-        if wanted and lock_id(_read(claimed)) != wanted:
+        if wanted and lock_id(self._load('lock', claimed)) != wanted:
             try:
                 os.link(claimed, self.lock_path)
             except FileExistsError:
@@ -67,14 +78,14 @@ class FileBackend(TYLPersistent):
         return True
 
     def get_lock_state(self):
-        return _read(self.lock_path).decode('utf-8')
+        return self._load('lock', self.lock_path).decode('utf-8')
 
     def store_tfstate(self, tfstate_obj, **kwargs):
         self._make_directory()
-        write_file_durably(self.state_path, kwargs['raw_bytes'])
+        write_file_durably(self.state_path, self._dump('state', kwargs['raw_bytes']))
 
     def get_tfstate(self):
-        return _read(self.state_path)
+        return self._load('state', self.state_path)
 
     def delete_tfstate(self, **kwargs):
         try:

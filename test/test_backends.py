@@ -47,6 +47,11 @@ BACKENDS = [
             persistent=True, checks_unlock_id=True),
     Backend('sqlite', 'sqlite_backend.SQLiteBackend', {'SQLITE_DB_PATH': 'store/tyl.sqlite3'},
             persistent=True, checks_unlock_id=True),
+    Backend('pyshelve', 'pyshelve_backend.PyShelveBackend', {'PYSHELVE_DATA_PATH': 'store'},
+            persistent=True, checks_unlock_id=True),
+    Backend('aes', 'aes_backend.AESBackend', {'FILE_DATA_PATH': 'store', 'AES_SECRET_KEY': 'A' * 43 + '='},
+            persistent=True, checks_unlock_id=True),
+    Backend('git', 'git_backend.GitBackend', {'GIT_WORKING_PATH': 'store'}, persistent=True, checks_unlock_id=True),
     Backend('template', 'TEMPLATE_backend.TemplateBackend', {'YES_I_KNOW_WHAT_I_AM_DOING': True},
             persistent=False, checks_unlock_id=False),
 ]
