@@ -171,8 +171,9 @@ CONFIG_KEYS = {
 }
 
 # Keys holding a path, resolved against the directory of the config file.
-PATH_KEYS = ('FILE_DATA_PATH', 'SQLITE_DB_PATH', 'PYSHELVE_DATA_PATH', 'SSL_PUBLIC_KEY', 'SSL_PRIVATE_KEY',
-             'AES_KEY_FILE', 'AES_OLD_KEY_FILES', 'GIT_WORKING_PATH')
+PATH_KEYS = ('BACKEND_PLUGINS_PATH', 'SSL_PUBLIC_KEY', 'SSL_PRIVATE_KEY', 'FILE_DATA_PATH',
+             'SQLITE_DB_PATH', 'PYSHELVE_DATA_PATH', 'AES_KEY_FILE', 'AES_OLD_KEY_FILES',
+             'GIT_WORKING_PATH')
 
 ENVIRONMENT_OVERRIDE = re.compile(r'TYL_([A-Z][A-Z0-9_]*)')
 
@@ -205,8 +206,6 @@ def load_config(path=None, environ=None):
         settings[key] = check(key, settings.get(key, default))
     for key in PATH_KEYS:
         settings[key] = _resolve_path(base, settings[key])
-    settings['BACKEND_PLUGINS_PATH'] = [
-        os.path.join(base, os.path.expanduser(p)) for p in settings['BACKEND_PLUGINS_PATH']]
     settings['CONFIG_DIR'] = base
     return type('C', (tylstore.C,), settings)
 

@@ -208,8 +208,8 @@ def lock_id(lock):
     return found if isinstance(found, str) else ''
 
 
-def fsync_directory(path):
-    """Make a rename or unlink inside directory `path` durable."""
+def fsync_path(path):
+    """Flush a file, or a directory (making a rename or unlink in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -245,7 +245,7 @@ def write_file_durably(path, data):
     except BaseException:
         os.unlink(temporary)
         raise
-    fsync_directory(directory)
+    fsync_path(directory)
 
 
 def create_file_durably(path, data):
@@ -265,5 +265,5 @@ def create_file_durably(path, data):
         return False
     finally:
         os.unlink(temporary)
-    fsync_directory(directory)
+    fsync_path(directory)
     return True

@@ -12,7 +12,7 @@ Directories are 0700 and files 0600: state holds secrets.
 import os
 import uuid
 
-from tylstore import (TYLPersistent, create_file_durably, fsync_directory, lock_id,
+from tylstore import (TYLPersistent, create_file_durably, fsync_path, lock_id,
                       write_file_durably)
 
 
@@ -34,7 +34,7 @@ class FileBackend(TYLPersistent):
             os.mkdir(self.directory, 0o700)
         except FileExistsError:
             return
-        fsync_directory(self.root)
+        fsync_path(self.root)
 
     # Every file goes through these two, `role` naming it ('state' or
     # 'lock'), so a subclass can store another form of the same bytes
@@ -74,7 +74,7 @@ class FileBackend(TYLPersistent):
             os.unlink(claimed)
             return False
         os.unlink(claimed)
-        fsync_directory(self.directory)
+        fsync_path(self.directory)
         return True
 
     def get_lock_state(self):
@@ -92,7 +92,7 @@ class FileBackend(TYLPersistent):
             os.unlink(self.state_path)
         except FileNotFoundError:
             return
-        fsync_directory(self.directory)
+        fsync_path(self.directory)
 
     def backend_status(self):
         return {

@@ -56,7 +56,7 @@ import re
 import subprocess
 from collections import defaultdict
 
-from tylstore import TYLPersistent, fsync_directory, lock_id
+from tylstore import TYLPersistent, fsync_path, lock_id
 
 # The server checks names already; this backend builds paths and refs from
 # them, so it checks again.
@@ -225,7 +225,7 @@ class GitBackend(TYLPersistent):
             self._git('init', '--quiet', '--bare', '--template=', '--shared=0600')
             os.mkdir(os.path.dirname(self.lock_path), 0o700)
             for directory in ('objects', 'refs', '', os.pardir):
-                fsync_directory(os.path.join(self.path, directory))
+                fsync_path(os.path.join(self.path, directory))
         finally:
             os.close(fd)
 
@@ -333,7 +333,7 @@ class GitBackend(TYLPersistent):
                 os.path.join(self.path, self.branch))])
             for directory in directories:
                 if os.path.isdir(directory):  # not when the object was already packed
-                    fsync_directory(directory)
+                    fsync_path(directory)
         # Nothing else packs a local repository; gc --auto returns at once
         # and, when due, packs in the background without our flock.
         self._git('gc', '--auto', '--quiet', hold=False)

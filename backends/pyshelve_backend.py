@@ -53,7 +53,7 @@ import os
 import shelve
 import shutil
 
-from tylstore import TYLPersistent, fsync_directory, lock_id
+from tylstore import TYLPersistent, fsync_path, lock_id
 
 TFSTATE_KEY = 'TFSTATE'
 LOCK_KEY = 'LOCK_STATE'
@@ -151,7 +151,7 @@ class PyShelveBackend(TYLPersistent):
         """Create PYSHELVE_DATA_PATH on the first change, not on a read."""
         if not os.path.isdir(self.root):
             os.makedirs(self.root, mode=0o700, exist_ok=True)
-            fsync_directory(os.path.dirname(self.root))
+            fsync_path(os.path.dirname(self.root))
 
     def _read(self, key):
         """The value stored under `key`, or ''."""
@@ -168,10 +168,10 @@ class PyShelveBackend(TYLPersistent):
         os.mkdir(self.staging_dir, 0o700)
         self._write_copy(os.path.join(self.staging_dir, os.path.basename(self.path)), changes)
         for name in os.listdir(self.staging_dir):
-            _fsync_file(os.path.join(self.staging_dir, name))
-        fsync_directory(self.staging_dir)
+            fsync_path(os.path.join(self.staging_dir, name))
+        fsync_path(self.staging_dir)
         os.rename(self.staging_dir, self.commit_dir)
-        fsync_directory(self.root)
+        fsync_path(self.root)
         self._finish_commit()
 
     def _write_copy(self, staged, changes):
@@ -205,16 +205,9 @@ class PyShelveBackend(TYLPersistent):
         for path in stale:
             os.unlink(path)
         if stale:
-            fsync_directory(self.root)
+            fsync_path(self.root)
         for name in names:
             os.replace(os.path.join(self.commit_dir, name), os.path.join(self.root, name))
-        fsync_directory(self.root)
+        fsync_path(self.root)
         os.rmdir(self.commit_dir)
 
-
-def _fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
