@@ -547,6 +547,9 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
     """
 
     protocol_version = 'HTTP/1.1'
+    # Headers and body leave in two writes; with Nagle's algorithm the body
+    # would wait for the client's delayed ACK, some 40 ms per request.
+    disable_nagle_algorithm = True
     # Error replies to unparsable request lines still get a status line.
     default_request_version = 'HTTP/1.0'
     server_version = 'TYL/' + __version__
