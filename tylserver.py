@@ -550,6 +550,9 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
     # Headers and body leave in two writes; with Nagle's algorithm the body
     # would wait for the client's delayed ACK, some 40 ms per request.
     disable_nagle_algorithm = True
+    # Buffer replies, so headers and a small body leave in one send();
+    # http.server flushes after every request.
+    wbufsize = 64 * 1024
     # Error replies to unparsable request lines still get a status line.
     default_request_version = 'HTTP/1.0'
     server_version = 'TYL/' + __version__

@@ -26,15 +26,21 @@ class FileBackend(TYLPersistent):
         self.state_path = os.path.join(self.directory, constants.TFSTATE_FILE_NAME)
         self.lock_path = os.path.join(self.directory, 'lock.json')
 
-    def _make_directory(self):
-        """Create the environment's directory on its first change, not on a
-        read, so a mistyped name leaves nothing behind."""
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
+    def _in_directory(self, write, path, data):
+        """Run `write(path, data)`, creating the environment's directory when
+        it is missing: on the first change, never on a read, so a mistyped
+        name leaves nothing behind, and without a check on every write."""
         try:
-            os.mkdir(self.directory, 0o700)
-        except FileExistsError:
-            return
-        fsync_path(self.root)
+            return write(path, data)
+        except FileNotFoundError:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            try:
+                os.mkdir(self.directory, 0o700)
+            except FileExistsError:
+                pass
+            else:
+                fsync_path(self.root)
+            return write(path, data)
 
     # Every file goes through these two, `role` naming it ('state' or
     # 'lock'), so a subclass can store another form of the same bytes
@@ -48,8 +54,8 @@ class FileBackend(TYLPersistent):
         return _read(path)
 
     def set_locked(self, state_obj, **kwargs):
-        self._make_directory()
-        return create_file_durably(self.lock_path, self._dump('lock', kwargs['raw_bytes']))
+        return self._in_directory(create_file_durably, self.lock_path,
+                                  self._dump('lock', kwargs['raw_bytes']))
 
     def set_unlocked(self, state_obj, **kwargs):
         """Remove the lock; with an ID in `state_obj`, only that holder's.
@@ -81,8 +87,8 @@ class FileBackend(TYLPersistent):
         return self._load('lock', self.lock_path).decode('utf-8')
 
     def store_tfstate(self, tfstate_obj, **kwargs):
-        self._make_directory()
-        write_file_durably(self.state_path, self._dump('state', kwargs['raw_bytes']))
+        self._in_directory(write_file_durably, self.state_path,
+                           self._dump('state', kwargs['raw_bytes']))
 
     def get_tfstate(self):
         return self._load('state', self.state_path)
