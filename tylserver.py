@@ -333,6 +333,51 @@ def parse_json_object(body, what):
     return value, text
 
 
+def _keep_top_level_pairs(found):
+    """An object_pairs_hook that builds nothing: each object becomes None,
+    and the pairs of the last one seen, the outermost, are kept."""
+    def hook(pairs):
+        found[:] = pairs
+    return hook
+
+
+def inspect_state(body):
+    """Check a state body without building it; return its top-level fields.
+
+    The body must be a UTF-8 JSON object without NaN or Infinity literals,
+    else a 400 Refusal.  Nested objects are parsed and dropped one by one,
+    so a 50 MB state costs no object tree; the returned dict holds the
+    top-level scalars (`version`, `serial`, `lineage`...), nested objects
+    as None.
+    """
+    if not body.lstrip()[:1] == b'{':
+        parse_json_object(body, 'state')  # refuses with the precise reason
+    found = []
+    decoder = json.JSONDecoder(object_pairs_hook=_keep_top_level_pairs(found),
+                               parse_constant=_reject_constant)
+    try:
+        decoder.decode(body.decode('utf-8'))
+    except UnicodeDecodeError:
+        raise Refusal(400, 'state is not UTF-8')
+    except ValueError as error:
+        raise Refusal(400, 'state is not valid JSON: %s' % error)
+    return dict(found)
+
+
+def _version_metadata(body, top, holder):
+    """What a backend keeping history records of an accepted write."""
+    holder = tylstore.lock_info(holder)
+    return {
+        'serial': top.get('serial'),
+        'lineage': top.get('lineage'),
+        'size': len(body),
+        'sha256': hashlib.sha256(body).hexdigest(),
+        'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+        'lock_id': holder.get('ID'),
+        'who': holder.get('Who'),
+    }
+
+
 def parse_lock_info(body):
     info, text = parse_json_object(body, 'lock info')
     if not isinstance(info.get('ID'), str) or not info['ID']:
@@ -406,8 +451,12 @@ class Environment(object):
         return Reply(200, state, JSON)
 
     def write(self, body, lock_id):
-        """Store a state; `lock_id` is the request's `?ID=`, or None."""
-        state, text = parse_json_object(body, 'state')
+        """Store a state; `lock_id` is the request's `?ID=`, or None.
+
+        The state is unpacked only for those who need the object: plugins
+        that do not store raw bytes, and post-processors.
+        """
+        top = inspect_state(body)
         with self.mutex:
             backend = self.backend
             holder = backend.get_lock_state()
@@ -416,7 +465,14 @@ class Environment(object):
             if not holder and lock_id is not None:
                 return text_reply(409, 'lock %s is not held: the lock was released or '
                                        'force-unlocked; nothing was stored' % lock_id)
-            backend.store_tfstate(state, raw=text, **self._raw_bytes(body))
+            state = text = None
+            if self.post_processors or not self.plugins.backend_class.RAW_BYTES:
+                state, text = parse_json_object(body, 'state')
+            if self.plugins.backend_class.RAW_BYTES:
+                backend.store_tfstate(state, raw_bytes=body,
+                                      metadata=_version_metadata(body, top, holder))
+            else:
+                backend.store_tfstate(state, raw=text)
             self.notify('process_tfstate', state, text)
         return Reply(200, b'', None)
 

@@ -80,9 +80,13 @@ class TYLPersistent(abc.ABC):
     with its message, which stops the run and tells the user.
     """
 
-    # True when the backend stores the exact bytes received: the server
+    # True for a backend that stores the exact bytes received.  The server
     # then passes them as `raw_bytes` to set_locked, set_unlocked and
-    # store_tfstate.  Plugins written for PyTerraBackTYL never see it.
+    # store_tfstate; store_tfstate also gets `metadata` (serial, lineage,
+    # size, sha256, created, lock_id, who: what a history records), and its
+    # `tfstate_obj` is None unless post-processors needed the state
+    # unpacked anyway, which spares unpacking a large state.  Plugins
+    # written for PyTerraBackTYL never see any of this.
     RAW_BYTES = False
 
     @abc.abstractmethod
@@ -197,14 +201,20 @@ def _resource_attributes(tfstate):
             yield resource.get('type'), (resource.get('primary') or {}).get('attributes') or {}
 
 
-def lock_id(lock):
-    """The `ID` of a stored lock (text, bytes or dict); '' when there is none."""
+def lock_info(lock):
+    """A stored lock (text, bytes or dict) as a dict; {} when there is none
+    or it is not a JSON object."""
     if isinstance(lock, (str, bytes)):
         try:
             lock = json.loads(lock) if lock else {}
         except ValueError:
-            return ''
-    found = lock.get('ID') if isinstance(lock, dict) else None
+            return {}
+    return lock if isinstance(lock, dict) else {}
+
+
+def lock_id(lock):
+    """The `ID` of a stored lock (text, bytes or dict); '' when there is none."""
+    found = lock_info(lock).get('ID')
     return found if isinstance(found, str) else ''
 
 
