@@ -14,9 +14,15 @@ store needs: a durable atomic file write and LockInfo parsing.
 import abc
 import json
 import os
+import re
 import tempfile
 
 __version__ = '1.0.0'
+
+
+# A valid environment name: the server refuses every other before a
+# backend sees it, so a store may use the name in a path or a key.
+ENVIRONMENT_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}')
 
 
 class C(object):

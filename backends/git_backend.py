@@ -52,15 +52,10 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import subprocess
 from collections import defaultdict
 
-from tylstore import TYLPersistent, fsync_path, lock_id
-
-# The server checks names already; this backend builds paths and refs from
-# them, so it checks again.
-ENVIRONMENT_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}')
+from tylstore import ENVIRONMENT_NAME, TYLPersistent, fsync_path, lock_id
 
 # PyTerraBackTYL's lock file name (its C.LOCK_STATE_LOCKED) and its words for
 # a force-unlock, which carries no lock information.
@@ -88,6 +83,8 @@ class GitBackend(TYLPersistent):
     RAW_BYTES = True
 
     def __init__(self, environment, constants, **kwargs):
+        # The server checks names already; paths and refs are built from
+        # them here, so this checks again.
         if not ENVIRONMENT_NAME.fullmatch(environment):
             raise ValueError('invalid environment name %r' % environment)
         self.environment = environment
