@@ -7,17 +7,23 @@ its own backend instance, a subclass of `tylstore.TYLPersistent` loaded
 from `BACKEND_CLASS`; the embedded default stores files on disk.
 
 The file reads top to bottom: configuration, plugin loading, environments
-and the protocol rules, the HTTP handler, the server, the command line.
+and the protocol rules, authentication, the HTTP handler, the server, the
+command line.
 """
 
 import argparse
 import base64
 import contextlib
+import fnmatch
+import getpass
 import hashlib
+import hmac
 import http.server
 import importlib
+import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -27,7 +33,8 @@ import ssl
 import sys
 import threading
 import time
-from collections import defaultdict, namedtuple
+import uuid
+from collections import OrderedDict, defaultdict, namedtuple
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
@@ -112,6 +119,19 @@ def _check_format(key, value):
     return value
 
 
+def _check_url(key, value):
+    """An http(s) URL, checked now rather than failing at each delivery.
+    The value is not echoed: a Slack webhook URL is a secret."""
+    try:
+        valid = isinstance(value, str) and re.fullmatch(r'https?://\S+', value, re.IGNORECASE) \
+            and urlsplit(value).hostname
+    except ValueError:  # as an unclosed [IPv6 address]
+        valid = False
+    if not valid:
+        raise ConfigError('%s must be an http:// or https:// URL' % key)
+    return value
+
+
 def _check_file_name(key, value):
     if not isinstance(value, str) or value in ('', '.', '..') or '/' in value or '\0' in value:
         raise ConfigError('%s must be a file name, without "/", not %r' % (key, value))
@@ -134,6 +154,94 @@ def _check_string_map(key, value):
     return value
 
 
+USER_NAME = re.compile(r'[^\s:@][^\s:]{0,127}')
+ACCESS_LEVELS = ('read', 'write', 'admin')
+
+
+def _check_user_name(key, name):
+    if not isinstance(name, str) or not USER_NAME.fullmatch(name) or not name.isprintable():
+        raise ConfigError('%s: %r is not a user name: 1 to 128 printable characters without '
+                          'spaces or ":", not starting with "@"' % (key, name))
+    return name
+
+
+def _check_member(key, name):
+    """A user name, or @group."""
+    if isinstance(name, str) and name.startswith('@'):
+        _check_user_name(key, name[1:])
+        return name
+    return _check_user_name(key, name)
+
+
+def _check_password_hashes(key, value):
+    """User -> password hash.  The message never quotes a value: a plain-text
+    password put there by mistake must not reach a terminal or a log."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError('%s must map user names to password hashes' % key)
+    for user, text in value.items():
+        _check_user_name(key, user)
+        try:
+            PasswordHash.parse(text)
+        except ValueError as error:
+            raise ConfigError('%s: the password of %s is not a hash (%s); plain-text passwords '
+                              'are refused: make one with `tylserver.py hash-password`'
+                              % (key, user, error))
+    return value
+
+
+def _check_groups(key, value):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError('%s must map group names to lists of user names, not %r' % (key, value))
+    return {_check_user_name(key, group): _check_list_of(_check_user_name)(key, members)
+            for group, members in value.items()}
+
+
+def _check_rules(key, value):
+    """An ordered list of {env: GLOB, read: [...], write: [...], admin: [...]};
+    an unknown key is refused, since a typo would silently grant nothing."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError('%s must be a list of rules, not %r' % (key, value))
+    rules = []
+    for number, rule in enumerate(value, 1):
+        where = '%s rule %d' % (key, number)
+        if not isinstance(rule, dict) or not isinstance(rule.get('env'), str) or not rule['env']:
+            raise ConfigError('%s must be a mapping with a non-empty env glob, not %r' % (where, rule))
+        unknown = sorted(str(name) for name in set(rule) - {'env'} - set(ACCESS_LEVELS))
+        if unknown:
+            raise ConfigError('%s has unknown keys %s: a rule has env, %s'
+                              % (where, ', '.join(unknown), ', '.join(ACCESS_LEVELS)))
+        checked = {'env': rule['env']}
+        for level in ACCESS_LEVELS:
+            checked[level] = _check_list_of(_check_member)(where, rule.get(level))
+        rules.append(checked)
+    return rules
+
+
+def _check_access(settings):
+    """What spans several keys: every @group and user named exists (a user
+    may also come from a client certificate), and certificates need TLS."""
+    groups, users = settings['AUTH_GROUPS'], settings['AUTH_USERS']
+    named = [('AUTH_ADMINS', name) for name in settings['AUTH_ADMINS']]
+    named += [('AUTH_RULES', name) for rule in settings['AUTH_RULES']
+              for level in ACCESS_LEVELS for name in rule[level]]
+    named += [('AUTH_GROUPS', name) for members in groups.values() for name in members]
+    for key, name in named:
+        if name.startswith('@') and name[1:] not in groups:
+            raise ConfigError('%s names group %s, which AUTH_GROUPS does not define' % (key, name))
+        if not name.startswith('@') and name not in users and not settings['SSL_CLIENT_CERT_USERS']:
+            raise ConfigError('%s names user %s, who is not in AUTH_USERS' % (key, name))
+    if settings['SSL_CLIENT_CA'] and not settings['USE_SSL']:
+        raise ConfigError('SSL_CLIENT_CA needs USE_SSL: true')
+    if settings['SSL_CLIENT_CERT_USERS'] and not settings['SSL_CLIENT_CA']:
+        raise ConfigError('SSL_CLIENT_CERT_USERS needs SSL_CLIENT_CA, to verify the certificates')
+
+
 # key: (default, check).  config.yaml repeats every default with a comment;
 # a test keeps the two equal.
 CONFIG_KEYS = {
@@ -146,6 +254,12 @@ CONFIG_KEYS = {
     'USE_SSL': (False, _check_bool),
     'SSL_PUBLIC_KEY': ('ssl/public.key', _check_string),
     'SSL_PRIVATE_KEY': ('ssl/private.key', _check_string),
+    'SSL_CLIENT_CA': (None, _check_optional(_check_string)),
+    'SSL_CLIENT_CERT_USERS': (False, _check_bool),
+    'AUTH_USERS': ({}, _check_password_hashes),
+    'AUTH_GROUPS': ({}, _check_groups),
+    'AUTH_RULES': ([], _check_rules),
+    'AUTH_ADMINS': ([], _check_list_of(_check_member)),
     'HELPER_HOSTNAME_QUERY_MAP': ({}, _check_string_map),
     'FILE_DATA_PATH': ('data', _check_string),
     'SQLITE_DB_PATH': ('tyl.sqlite3', _check_string),
@@ -164,16 +278,38 @@ CONFIG_KEYS = {
     'GIT_STATE_CHANGE_LOG_FILENAME': ('state_change.log', _check_file_name),
     'GIT_STATE_CHANGE_LOG_FORMAT': ('{Created} - {Operation}: {Who} {ID}', _check_format),
     'GIT_STATE_CHANGE_LOG_SCROLLBACK': (300, _check_int(1)),
+    'POSTGRES_DSN': (None, _check_optional(_check_string)),
+    'POSTGRES_PASSWORD_FILE': (None, _check_optional(_check_string)),
+    'POSTGRES_POOL_SIZE': (8, _check_int(1)),
+    'POSTGRES_CONNECT_TIMEOUT': (5, _check_seconds),
+    'POSTGRES_STATEMENT_TIMEOUT': (30, _check_seconds),
+    'HISTORY_KEEP': (100, _check_int(0)),
+    'HISTORY_KEEP_DAYS': (0, _check_optional(_check_int(0))),
     'MAX_BODY_BYTES': (256 * 1024 * 1024, _check_int(1)),
     'FORCE_UNLOCK': (True, _check_bool),
     'REQUEST_TIMEOUT': (60, _check_seconds),
     'MAX_CONNECTIONS': (200, _check_int(1)),
+    'NOTIFY_QUEUE_SIZE': (1000, _check_int(1)),
+    'NOTIFY_ATTEMPTS': (4, _check_int(1, 10)),
+    'NOTIFY_TIMEOUT': (10, _check_seconds),
+    'NOTIFY_RETRY_DELAY': (1, _check_seconds),
+    'SLACK_WEBHOOK_URI': (None, _check_optional(_check_url)),
+    'SLACK_NOTIFY_USERNAME': ('TYL', _check_string),
+    'SLACK_NOTIFY_USER_IMAGE_URI': (None, _check_optional(_check_url)),
+    'SLACK_NOTIFICATIONS_ON_TF_ACTIONS': (['OperationTypeApply'], _check_list_of(_check_string)),
+    'SLACK_NOTIFY_HOST_LIST': (True, _check_bool),
+    'SLACK_NOTIFY_UNLOCK': (True, _check_bool),
+    'SLACK_NOTIFY_FORMAT': ('_Who:_ *{Who}*\n_Operation:_ *{Operation}*\n_Version:_ {Version}\n_ID:_ {ID}',
+                            _check_format),
+    'SLACK_NOTIFY_UNLOCK_FORMAT': ('_Who:_ *{Who}*\n_ID:_ {ID}', _check_format),
+    'WEBHOOK_URL': (None, _check_optional(_check_url)),
+    'WEBHOOK_SECRET': (None, _check_optional(_check_string)),
 }
 
 # Keys holding a path, resolved against the directory of the config file.
-PATH_KEYS = ('BACKEND_PLUGINS_PATH', 'SSL_PUBLIC_KEY', 'SSL_PRIVATE_KEY', 'FILE_DATA_PATH',
-             'SQLITE_DB_PATH', 'PYSHELVE_DATA_PATH', 'AES_KEY_FILE', 'AES_OLD_KEY_FILES',
-             'GIT_WORKING_PATH')
+PATH_KEYS = ('BACKEND_PLUGINS_PATH', 'SSL_PUBLIC_KEY', 'SSL_PRIVATE_KEY', 'SSL_CLIENT_CA',
+             'FILE_DATA_PATH', 'SQLITE_DB_PATH', 'PYSHELVE_DATA_PATH', 'AES_KEY_FILE',
+             'AES_OLD_KEY_FILES', 'GIT_WORKING_PATH', 'POSTGRES_PASSWORD_FILE')
 
 ENVIRONMENT_OVERRIDE = re.compile(r'TYL_([A-Z][A-Z0-9_]*)')
 
@@ -204,6 +340,7 @@ def load_config(path=None, environ=None):
                 raise ConfigError('%s is not a valid YAML value: %s' % (name, _one_line(error)))
     for key, (default, check) in CONFIG_KEYS.items():
         settings[key] = check(key, settings.get(key, default))
+    _check_access(settings)
     for key in PATH_KEYS:
         settings[key] = _resolve_path(base, settings[key])
     settings['CONFIG_DIR'] = base
@@ -279,8 +416,6 @@ def _load_class(key, dotted_name, base):
 # Environments and the protocol rules
 # --------------------------------------------------------------------------
 
-ENVIRONMENT_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}')
-
 Reply = namedtuple('Reply', 'status body content_type')
 JSON = 'application/json'
 TEXT = 'text/plain; charset=utf-8'
@@ -347,8 +482,7 @@ def inspect_state(body):
     The body must be a UTF-8 JSON object without NaN or Infinity literals,
     else a 400 Refusal.  Nested objects are parsed and dropped one by one,
     so a 50 MB state costs no object tree; the returned dict holds the
-    top-level scalars (`version`, `serial`, `lineage`...), nested objects
-    as None.
+    top-level scalars (`version`, `serial`, `lineage`...).
     """
     if not body.lstrip()[:1] == b'{':
         parse_json_object(body, 'state')  # refuses with the precise reason
@@ -361,7 +495,7 @@ def inspect_state(body):
         raise Refusal(400, 'state is not UTF-8')
     except ValueError as error:
         raise Refusal(400, 'state is not valid JSON: %s' % error)
-    return dict(found)
+    return {key: value for key, value in found if isinstance(value, (str, int, float))}
 
 
 def _version_metadata(body, top, holder):
@@ -372,10 +506,51 @@ def _version_metadata(body, top, holder):
         'lineage': top.get('lineage'),
         'size': len(body),
         'sha256': hashlib.sha256(body).hexdigest(),
-        'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+        'created': time.strftime(tylstore.CREATED_FORMAT, time.gmtime()),
         'lock_id': holder.get('ID'),
         'who': holder.get('Who'),
     }
+
+
+# What /history lists of each version: its identifier, then its metadata.
+METADATA_FIELDS = ('serial', 'lineage', 'size', 'sha256', 'created', 'lock_id', 'who')
+VERSION_FIELDS = ('version',) + METADATA_FIELDS
+
+JSON_SPACE = re.compile(r'[ \t\n\r]*')
+
+
+def _whole_number(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def with_serial(body, serial):
+    """`body`, a valid state, with the value of its top-level "serial" set
+    to `serial` and every other byte as it was.
+
+    A restored state needs a serial above the current one, or Terraform
+    would take it for an older state; re-encoding it would change its
+    spacing, key order, number forms and escapes.  So the top-level object
+    is walked pair by pair, each value skipped by the decoder (objects in
+    it parsed and dropped, as in `inspect_state`), and only the text of
+    each top-level "serial" value is replaced: every one, should the key
+    be given twice, since readers take the last.
+    """
+    text = body.decode('utf-8')
+    decoder = json.JSONDecoder(object_pairs_hook=lambda pairs: None)
+    spans = []
+    index = JSON_SPACE.match(text, JSON_SPACE.match(text).end() + 1).end()  # past '{'
+    while text[index] != '}':
+        key, index = decoder.raw_decode(text, index)
+        start = JSON_SPACE.match(text, JSON_SPACE.match(text, index).end() + 1).end()  # past ':'
+        index = decoder.raw_decode(text, start)[1]
+        if key == 'serial':
+            spans.append((start, index))
+        index = JSON_SPACE.match(text, index).end()
+        if text[index] == ',':
+            index = JSON_SPACE.match(text, index + 1).end()
+    for start, end in reversed(spans):
+        text = text[:start] + str(serial) + text[end:]
+    return text.encode('utf-8')
 
 
 def parse_lock_info(body):
@@ -428,14 +603,15 @@ class Environment(object):
             self._backend = backend
         return self._backend
 
-    def notify(self, method_name, obj, text):
-        """Hand an accepted change to each post-processor; never fail because of one."""
+    def notify(self, method_name, obj, text, holder):
+        """Hand an accepted change to each post-processor; never fail because
+        of one.  `holder` is the lock concerned, as stored or as received."""
         for processor in self.post_processors:
+            extra = {'lock_info': tylstore.lock_info(holder)} if processor.LOCK_INFO else {}
             try:
-                getattr(processor, method_name)(obj, raw=text)
+                getattr(processor, method_name)(obj, raw=text, **extra)
             except Exception as error:
-                processor._logged_errors_ += 1
-                processor._recent_error_ = '%s: %s' % (type(error).__name__, error)
+                processor.log_error('%s: %s' % (type(error).__name__, error))
                 log.exception('post-processor %s failed on %s for env %s',
                               type(processor).__name__, method_name, self.name)
 
@@ -451,30 +627,34 @@ class Environment(object):
         return Reply(200, state, JSON)
 
     def write(self, body, lock_id):
-        """Store a state; `lock_id` is the request's `?ID=`, or None.
-
-        The state is unpacked only for those who need the object: plugins
-        that do not store raw bytes, and post-processors.
-        """
+        """Store a state; `lock_id` is the request's `?ID=`, or None."""
         top = inspect_state(body)
         with self.mutex:
-            backend = self.backend
-            holder = backend.get_lock_state()
+            holder = self.backend.get_lock_state()
             if holder and lock_id != tylstore.lock_id(holder):
                 return lock_reply(423, holder)
             if not holder and lock_id is not None:
                 return text_reply(409, 'lock %s is not held: the lock was released or '
-                                       'force-unlocked; nothing was stored' % lock_id)
-            state = text = None
-            if self.post_processors or not self.plugins.backend_class.RAW_BYTES:
-                state, text = parse_json_object(body, 'state')
-            if self.plugins.backend_class.RAW_BYTES:
-                backend.store_tfstate(state, raw_bytes=body,
-                                      metadata=_version_metadata(body, top, holder))
-            else:
-                backend.store_tfstate(state, raw=text)
-            self.notify('process_tfstate', state, text)
+                                       'force-unlocked; nothing was stored' % _printable(lock_id))
+            self._store(body, _version_metadata(body, top, holder), holder)
         return Reply(200, b'', None)
+
+    def _store(self, body, metadata, holder):
+        """Hand an accepted state to the backend, then to the post-processors
+        (call under `mutex`).  `metadata` is what a history records of it.
+
+        The state is unpacked only for those who need the object: plugins
+        that do not store raw bytes, and post-processors.
+        """
+        state = text = None
+        if self.post_processors or not self.plugins.backend_class.RAW_BYTES:
+            state, text = parse_json_object(body, 'state')
+        if self.plugins.backend_class.RAW_BYTES:
+            self.backend.store_tfstate(state, raw_bytes=body, metadata=metadata,
+                                       holder_id=tylstore.lock_id(holder))
+        else:
+            self.backend.store_tfstate(state, raw=text)
+        self.notify('process_tfstate', state, text, holder)
 
     def lock(self, body):
         info, text = parse_lock_info(body)
@@ -489,7 +669,7 @@ class Environment(object):
                 if holder:
                     return lock_reply(423, holder)
                 return text_reply(423, 'the lock was taken and released meanwhile; try again')
-            self.notify('on_locked', info, text)
+            self.notify('on_locked', info, text, info)
         return lock_reply(200, body)
 
     def unlock(self, body):
@@ -505,7 +685,7 @@ class Environment(object):
             if tylstore.lock_id(holder) != info['ID']:
                 return lock_reply(409, holder)
             backend.set_unlocked(info, raw=text, **self._raw_bytes(body))
-            self.notify('on_unlocked', info, text)
+            self.notify('on_unlocked', info, text, holder)
         return Reply(200, b'', None)
 
     def force_unlock(self):
@@ -518,7 +698,7 @@ class Environment(object):
                 backend.set_unlocked({}, raw='{}', **self._raw_bytes(b'{}'))
                 log.warning('force-unlock of env %s released lock %s', self.name,
                             _printable(lock_bytes(holder).decode('utf-8', 'replace')))
-                self.notify('on_unlocked', {}, '{}')
+                self.notify('on_unlocked', {}, '{}', holder)
         return Reply(200, b'', None)
 
     def delete(self, lock_id):
@@ -532,6 +712,127 @@ class Environment(object):
                 return lock_reply(409, holder)
             backend.delete_tfstate()
         return Reply(200, b'', None)
+
+    # -- history, restore and the admin commands ----------------------------
+
+    def keeps_history(self):
+        return self.plugins.backend_class.supports('list_versions')
+
+    def versions(self):
+        """The versions kept, newest first, each with exactly VERSION_FIELDS."""
+        self._require_history()
+        with self.mutex:
+            versions = self.backend.list_versions()
+        return [{field: version.get(field) for field in VERSION_FIELDS} for version in versions]
+
+    def history(self):
+        return Reply(200, json.dumps(self.versions(), indent=2).encode('utf-8'), JSON)
+
+    def read_version(self, version):
+        self._require_history()
+        with self.mutex:
+            state = self.backend.get_version(version)
+        if state is None:
+            raise Refusal(404, 'env %s has no version %s' % (self.name, _printable(version)[:80]))
+        return Reply(200, state, JSON)
+
+    def restore(self, version, who):
+        """Store version `version` again as a new version, its top-level
+        serial one above the current state's, so that Terraform takes it
+        for the newer state (see `with_serial`)."""
+        with self.own_lock(who, 'OperationTypeRestore', 'version %s' % version) as lock_id:
+            body, serial = self._restorable(version)
+            reply = self.write(body, lock_id)
+        if reply.status != 200:
+            return reply
+        return Reply(200, json.dumps({'restored': version, 'serial': serial}).encode('utf-8'), JSON)
+
+    def import_state(self, body, who):
+        """Store `body` as the state, whatever it replaces."""
+        with self.own_lock(who, 'OperationTypeImport') as lock_id:
+            return self.write(body, lock_id)
+
+    @contextlib.contextmanager
+    def own_lock(self, who, operation, info=''):
+        """Hold the lock as `who` for the block, yielding its ID.
+
+        An admin command changes a state the way a Terraform run does,
+        through the same lock, write and unlock rules, so it never
+        overwrites a run that holds the lock, here or through another server
+        process on the same storage: it is refused with 423 instead.
+        """
+        lock_id = str(uuid.uuid4())
+        body = json.dumps({'ID': lock_id, 'Operation': operation, 'Info': info, 'Who': who,
+                           'Version': 'TYL ' + __version__, 'Path': '',
+                           'Created': time.strftime(tylstore.CREATED_FORMAT, time.gmtime())}).encode()
+        reply = self.lock(body)
+        if reply.status != 200:
+            holder = tylstore.lock_info(reply.body)
+            raise Refusal(423, 'env %s is locked by %s (lock %s, %s); nothing was changed'
+                          % (self.name, _printable(str(holder.get('Who') or '?'))[:80],
+                             _printable(str(holder.get('ID') or '?'))[:80],
+                             _printable(str(holder.get('Operation') or '?'))[:40]))
+        try:
+            yield lock_id
+        finally:
+            self.unlock(body)
+
+    def copy_from(self, source):
+        """Copy `source`, the environment of this name on another backend,
+        here: the versions, oldest first, when both keep a history (each
+        with its metadata; only its identifier is new), then the state
+        unless it is the newest version, then the lock.
+
+        Returns the number of versions copied, or None when this environment
+        already holds the same state (a migration run again).  Anything else
+        here already is refused: nothing is overwritten.
+        """
+        state, holder = source.read().body, source.lock_holder()
+        present = self.read().body
+        if present or self.lock_holder() or (self.keeps_history() and self.versions()):
+            if present == state:
+                return None
+            raise Refusal(409, 'env %s already holds another state or a lock here; '
+                               'nothing was copied' % self.name)
+        keep = self.plugins.constants.HISTORY_KEEP
+        versions = source.versions()[:keep] if source.keeps_history() and self.keeps_history() else []
+        newest = b''
+        with self.mutex:
+            for version in reversed(versions):
+                newest = source.read_version(version['version']).body
+                self._store(newest, {field: version[field] for field in METADATA_FIELDS}, '')
+            if state and state != newest:  # who wrote it is not known: no holder
+                self._store(state, _version_metadata(state, inspect_state(state), ''), '')
+            if newest and not state:
+                self.backend.delete_tfstate()
+            if holder:
+                raw = lock_bytes(holder)
+                self.backend.set_locked(tylstore.lock_info(holder), raw=raw.decode('utf-8'),
+                                        **self._raw_bytes(raw))
+        return len(versions)
+
+    def lock_holder(self):
+        with self.mutex:
+            return self.backend.get_lock_state()
+
+    def _require_history(self):
+        if not self.keeps_history():
+            raise Refusal(404, 'no history: %s keeps none' % self.plugins.backend_class.__name__)
+
+    def _restorable(self, version):
+        """(the bytes of version `version` with their top-level serial set
+        one above the current state's, or above their own when there is no
+        state or it has none, that serial)."""
+        old = self.read_version(version).body
+        serial = inspect_state(old).get('serial')
+        if not _whole_number(serial):
+            raise Refusal(409, 'version %s has no whole-number top-level "serial" to set'
+                          % _printable(version)[:80])
+        current = self.read().body
+        current_serial = inspect_state(current).get('serial') if current else None
+        if _whole_number(current_serial):
+            serial = max(serial, current_serial)
+        return with_serial(old, serial + 1), serial + 1
 
     def status(self):
         with self.mutex:
@@ -581,6 +882,277 @@ class Environments(object):
 
 
 # --------------------------------------------------------------------------
+# Authentication
+# --------------------------------------------------------------------------
+
+# scrypt's cost as Django chose it: 16 MiB and some 60 ms per check.
+SCRYPT_COST = (2 ** 14, 8, 1)
+# PBKDF2-SHA256 iterations (OWASP, 2023), for a Python built without scrypt.
+PBKDF2_ITERATIONS = 600000
+# Password checks running at once: each takes a core and, with scrypt, 16 MiB.
+CHECKS_AT_ONCE = 4
+
+
+class PasswordHash(namedtuple('PasswordHash', 'scheme cost salt digest')):
+    """One AUTH_USERS value: `scrypt$N$r$p$SALT$HASH` or
+    `pbkdf2_sha256$ITERATIONS$SALT$HASH`, salt and hash in base64.
+
+    Salt and cost travel in the string, so a user's hash can be made
+    stronger later with no change here.
+    """
+
+    COST_FIELDS = {'scrypt': 3, 'pbkdf2_sha256': 1}
+
+    @classmethod
+    def parse(cls, text):
+        """The parsed hash, or ValueError saying what is wrong, never quoting
+        `text`: it may be a password written there by mistake."""
+        parts = text.split('$') if isinstance(text, str) else ['']
+        fields = cls.COST_FIELDS.get(parts[0])
+        if fields is None or len(parts) != fields + 3:
+            raise ValueError('not scrypt$N$r$p$salt$hash nor pbkdf2_sha256$iterations$salt$hash')
+        if not all(re.fullmatch(r'[1-9][0-9]{0,8}', part) for part in parts[1:-2]):
+            raise ValueError('its cost is not whole numbers')
+        try:
+            salt, digest = [base64.b64decode(part, validate=True) for part in parts[-2:]]
+        except ValueError:
+            raise ValueError('its salt or hash is not base64')
+        if len(salt) < 8 or len(digest) < 16:
+            raise ValueError('its salt or hash is too short')
+        parsed = cls(parts[0], tuple(int(part) for part in parts[1:-2]), salt, digest)
+        if parsed.scheme == 'scrypt':
+            parsed.check_scrypt_cost()
+        return parsed
+
+    def check_scrypt_cost(self):
+        n, r, p = self.cost
+        if n < 2 or n & (n - 1) or 128 * r * n > 256 * 2 ** 20 or p > 16:
+            raise ValueError('scrypt needs N a power of 2, 128 * N * r at most 256 MiB, p at most 16')
+        if not hasattr(hashlib, 'scrypt'):
+            raise ValueError('this Python has no scrypt: use pbkdf2_sha256')
+
+    def derive(self, password):
+        """The digest of `password` (bytes) under this hash's salt and cost."""
+        if self.scheme == 'scrypt':
+            n, r, p = self.cost
+            return hashlib.scrypt(password, salt=self.salt, n=n, r=r, p=p, dklen=len(self.digest),
+                                  maxmem=128 * r * (n + p + 2) + 2 ** 20)
+        return hashlib.pbkdf2_hmac('sha256', password, self.salt, self.cost[0], len(self.digest))
+
+    def matches(self, password):
+        return hmac.compare_digest(self.derive(password), self.digest)
+
+    def decoy(self):
+        """A hash of the same scheme and cost that no password matches: an
+        unknown user's password is checked against it, at the same cost."""
+        return self._replace(salt=os.urandom(len(self.salt)), digest=os.urandom(len(self.digest)))
+
+    def __str__(self):
+        return '$'.join([self.scheme] + [str(number) for number in self.cost]
+                        + [base64.b64encode(data).decode('ascii') for data in (self.salt, self.digest)])
+
+
+def hash_password(password):
+    """The AUTH_USERS string for `password`: scrypt (PBKDF2-SHA256 on a
+    Python without it) with a fresh 16-byte salt."""
+    if hasattr(hashlib, 'scrypt'):
+        blank = PasswordHash('scrypt', SCRYPT_COST, os.urandom(16), bytes(32))
+    else:
+        blank = PasswordHash('pbkdf2_sha256', (PBKDF2_ITERATIONS,), os.urandom(16), bytes(32))
+    return str(blank._replace(digest=blank.derive(password.encode('utf-8'))))
+
+
+class FailedLogins(object):
+    """Failed logins per (user name, client address), to slow guessing down.
+
+    After a failure the pair must wait FIRST_WAIT seconds, doubled with each
+    further failure up to MAX_WAIT, before its next attempt is even checked;
+    until then it gets 429 at once.  Refusing at once, rather than sleeping
+    before the answer, keeps a guesser from holding threads and connection
+    slots.  Only that pair waits: the owner, from another address, is never
+    locked out.  A pair quiet for FORGET_AFTER seconds starts afresh, and at
+    most MAX_PAIRS are remembered, the oldest dropped first.
+    """
+
+    FIRST_WAIT = 1.0
+    MAX_WAIT = 60.0
+    FORGET_AFTER = 15 * 60
+    MAX_PAIRS = 10000
+    TURNS = 64
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pairs = OrderedDict()     # (user, address) -> (failures, retry_at)
+        self._turns = [threading.Lock() for _ in range(self.TURNS)]
+
+    def turn(self, pair):
+        """A lock under which the attempts of `pair` are checked one at a
+        time, so that guesses sent in parallel cannot all be checked before
+        the first failure counts."""
+        return self._turns[hash(pair) % self.TURNS]
+
+    def wait(self, pair):
+        """Seconds `pair` must still wait before an attempt is checked."""
+        with self._lock:
+            _, retry_at = self._pairs.get(pair, (0, 0.0))
+        return max(0.0, retry_at - time.monotonic())
+
+    def record(self, pair):
+        """Count a failure of `pair`; return how many in a row."""
+        now = time.monotonic()
+        with self._lock:
+            failures, retry_at = self._pairs.pop(pair, (0, now))
+            if now - retry_at > self.FORGET_AFTER:
+                failures = 0
+            failures += 1
+            wait = min(self.FIRST_WAIT * 2 ** min(failures - 1, 16), self.MAX_WAIT)
+            self._pairs[pair] = (failures, now + wait)
+            while len(self._pairs) > self.MAX_PAIRS:
+                self._pairs.popitem(last=False)
+        return failures
+
+    def forget(self, pair):
+        with self._lock:
+            self._pairs.pop(pair, None)
+
+
+def _basic_credentials(value):
+    """(user, password) of an `Authorization: Basic` value, or None when it
+    is not one.  The user ends at the first colon, so a password may hold
+    colons; both are UTF-8 (RFC 7617)."""
+    scheme, _, encoded = value.strip().partition(' ')
+    if scheme.lower() != 'basic':
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode('utf-8')
+    except ValueError:
+        return None
+    user, colon, password = decoded.partition(':')
+    if not colon or not user:
+        return None
+    return user, password
+
+
+def _members(names, groups):
+    """The user names in `names`, each @group replaced by its members."""
+    users = set()
+    for name in names:
+        users.update(groups[name[1:]] if name.startswith('@') else [name])
+    return users
+
+
+class Access(object):
+    """Who a request speaks for, and what that user may do.
+
+    Built once from AUTH_USERS, AUTH_GROUPS, AUTH_RULES, AUTH_ADMINS and
+    SSL_CLIENT_CERT_USERS.  It is off (`required` false) only when neither
+    names a user; then every request may do everything.  The client's
+    address never grants anything.
+    """
+
+    CHALLENGE = ('WWW-Authenticate', 'Basic realm="TYL", charset="UTF-8"')
+
+    def __init__(self, constants):
+        self.users = {name: PasswordHash.parse(text) for name, text in constants.AUTH_USERS.items()}
+        self.certificate_users = constants.SSL_CLIENT_CERT_USERS
+        self.required = bool(self.users) or self.certificate_users
+        groups = constants.AUTH_GROUPS
+        self.admins = _members(constants.AUTH_ADMINS, groups)
+        self.rules = [(rule['env'].lower(), self._grants(rule, groups))
+                      for rule in constants.AUTH_RULES]
+        first = next(iter(self.users.values()), None)
+        self.decoy = first.decoy() if first else None
+        self.failures = FailedLogins()
+        self.checking = threading.BoundedSemaphore(CHECKS_AT_ONCE)
+        self._key = os.urandom(32)
+        self._verified = set()
+
+    @staticmethod
+    def _grants(rule, groups):
+        """Level -> the users holding it under `rule`: admin may also
+        write, and write may also read."""
+        grants, users = {}, set()
+        for level in reversed(ACCESS_LEVELS):
+            users = users | _members(rule[level], groups)
+            grants[level] = users
+        return grants
+
+    def allows(self, user, level, environment=None):
+        """Whether `user` holds `level` on `environment`, or on at least one
+        environment when it is None.  The first rule whose env glob matches
+        decides; globs ignore case, so that PROD-1 cannot slip past a rule
+        for prod-* where the storage ignores case."""
+        if not self.required or user in self.admins:
+            return True
+        if environment is None:
+            return any(user in grants[level] for _, grants in self.rules)
+        for pattern, grants in self.rules:
+            if fnmatch.fnmatchcase(environment.lower(), pattern):
+                return user in grants[level]
+        return False
+
+    def certificate_user(self, certificate):
+        """The subject CN of a verified client certificate, when
+        SSL_CLIENT_CERT_USERS is on and the subject has exactly one CN."""
+        if not self.certificate_users or not certificate:
+            return None
+        names = [value for rdn in certificate.get('subject', ()) for key, value in rdn
+                 if key == 'commonName']
+        return names[0] if len(names) == 1 else None
+
+    def authenticate(self, authorization, certificate_user, address):
+        """The user a request speaks for: from its one `Authorization: Basic`
+        header, else from its client certificate.  Otherwise a 401 Refusal,
+        the same for an unknown user as for a wrong password, or 429 while
+        this (user, address) must wait after failed attempts."""
+        if not authorization and certificate_user:
+            return certificate_user
+        if len(authorization) != 1:
+            raise self.challenge('authentication required' if not authorization
+                                 else 'more than one Authorization header')
+        credentials = _basic_credentials(authorization[0])
+        if credentials is None:
+            log.warning('%s login failed: malformed Basic credentials', address)
+            raise self.challenge('malformed Basic credentials')
+        user, password = credentials
+        pair = (user, address)
+        with self.failures.turn(pair):
+            wait = math.ceil(self.failures.wait(pair))
+            if wait:
+                raise Refusal(429, 'too many failed logins; try again in %d s' % wait,
+                              headers=[('Retry-After', str(wait))])
+            if self.check_password(user, password.encode('utf-8')):
+                self.failures.forget(pair)
+                return user
+            failures = self.failures.record(pair)
+        log.warning('%s login failed for user "%s" (%d in a row from this address)',
+                    address, _printable(user)[:128], failures)
+        raise self.challenge('wrong user name or password')
+
+    def challenge(self, reason):
+        return Refusal(401, reason, headers=[self.CHALLENGE])
+
+    def check_password(self, user, password):
+        """Constant-time, and an unknown user costs one hash, as a wrong
+        password does.  A pair once verified is remembered as a digest keyed
+        by a secret of this process, so the many requests of one Terraform
+        run cost one hash, not one each; nothing else is remembered, so the
+        memory this takes is bounded by the number of users."""
+        verified = hmac.new(self._key, user.encode('utf-8') + b':' + password, 'sha256').digest()
+        if verified in self._verified:
+            return True
+        if self.decoy is None:
+            return False
+        expected = self.users.get(user)
+        with self.checking:
+            matches = (expected or self.decoy).matches(password)
+        if matches and expected is not None:
+            self._verified.add(verified)
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------
 # The HTTP handler
 # --------------------------------------------------------------------------
 
@@ -619,28 +1191,59 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         '/lock': {'LOCK': 'lock', 'POST': 'lock', 'UNLOCK': 'unlock', 'DELETE': 'unlock'},
         '/unlock': {'UNLOCK': 'unlock', 'DELETE': 'unlock'},
         '/state': {'GET': 'show_status'},
+        '/history': {'GET': 'show_history'},
+        '/restore': {'POST': 'restore_version'},
     }
     ALL_METHODS = 'GET, POST, PUT, DELETE, LOCK, UNLOCK'
+    # The level each action needs (see AUTH_RULES) on the environment it
+    # names, or on at least one when it names none, as the status page.
+    PERMISSIONS = {'read_state': 'read', 'write_state': 'write', 'lock': 'write', 'unlock': 'write',
+                   'delete_state': 'admin', 'show_status': 'admin', 'show_history': 'read',
+                   'restore_version': 'admin'}
 
     # Set per request; these defaults cover requests refused before parsing.
     path = ''
     environment_name = None
     lock_id = None
+    user = None
+    # Set per connection, from a client certificate (SSL_CLIENT_CERT_USERS).
+    certificate_user = None
 
     def setup(self):
-        constants = self.server.constants
-        self.timeout = constants.REQUEST_TIMEOUT
+        self.timeout = self.server.constants.REQUEST_TIMEOUT
         if self.server.ssl_context is not None:
-            self.request.settimeout(self.timeout)
-            self.request = self.server.ssl_context.wrap_socket(self.request, server_side=True)
+            self.start_tls()
         super().setup()
 
+    def start_tls(self):
+        """The TLS handshake, counted as waiting for a request: a client that
+        stalls in it can be closed to make room (see WaitingConnections)."""
+        self.request.settimeout(self.timeout)
+        self.request = self.server.ssl_context.wrap_socket(
+            self.request, server_side=True, do_handshake_on_connect=False)
+        self.server.waiting_connections.add(self)
+        try:
+            self.request.do_handshake()
+        finally:
+            self.server.waiting_connections.claim(self)
+        self.certificate_user = self.server.access.certificate_user(self.request.getpeercert())
+
+    def handle_one_request(self):
+        self.server.waiting_connections.add(self)
+        super().handle_one_request()
+
+    def finish(self):
+        self.server.waiting_connections.claim(self)
+        super().finish()
+
     def dispatch(self):
-        """Answer one request: read its body, route it, reply, log it."""
+        """Answer one request: authenticate, read its body, route it,
+        authorize, reply, log it."""
         started = time.monotonic()
-        self.environment_name = self.lock_id = None
+        self.environment_name = self.lock_id = self.user = None
         with self.server.request_in_flight():
             try:
+                self.user = self.authenticate()
                 body = self.read_body()
                 url = urlsplit(self.path)
                 actions = self.ROUTES.get(url.path)
@@ -651,6 +1254,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
                     raise Refusal(405, '%s is not allowed on %s' % (self.command, url.path),
                                   headers=[('Allow', ', '.join(actions))])
                 self.query = self.parse_query(url.query)
+                self.authorize(action, body)
                 reply = getattr(self, action)(body)
                 headers = []
                 if action == 'read_state' and reply.status == 200:
@@ -658,6 +1262,11 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
             except Refusal as refusal:
                 reply, headers = text_reply(refusal.status, refusal.reason), refusal.headers
                 self.close_connection = self.close_connection or refusal.close
+            except tylstore.BackendUnavailable as error:
+                log.warning('storage unavailable on %s %s: %s', self.command, _printable(self.path),
+                            _one_line(error))
+                reply = text_reply(503, _one_line(error))
+                headers = [('Retry-After', str(error.retry_after))]
             except Exception as error:
                 log.exception('backend error on %s %s', self.command, _printable(self.path))
                 reply, headers = text_reply(500, '%s: %s' % (type(error).__name__, _one_line(error))), []
@@ -691,11 +1300,17 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         if len(self.requestline.split()) != 3:
             self.send_error(400, 'request line needs a method, a path and an HTTP version')
             return False
+        if not self.server.waiting_connections.claim(self):
+            self.close_connection = True    # closed to make room meanwhile
+            return False
         return True
 
     # -- the actions --------------------------------------------------------
 
     def read_state(self, body):
+        version = self.query_value('version')
+        if version is not None:
+            return self.environment().read_version(version)
         return self.environment().read()
 
     def write_state(self, body):
@@ -714,12 +1329,23 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         self.lock_id = _lock_id_of_body(body) or 'force'
         return self.environment().unlock(body)
 
+    def show_history(self, body):
+        return self.environment().history()
+
+    def restore_version(self, body):
+        version = self.query_value('version')
+        if not version:
+            raise Refusal(400, 'missing &version=V: the version to restore, from /history')
+        who = '%s via POST /restore' % (self.user or self.client_address[0])
+        return self.environment().restore(version, who)
+
     def show_status(self, body):
         constants = self.server.constants
         status = {
             'backend_module': constants.BACKEND_CLASS,
             'post_processor_modules': constants.POST_PROCESS_CLASSES,
-            'environments': [_status_or_error(env) for _, env in self.server.environments.snapshot()],
+            'environments': [_status_or_error(env) for name, env in self.server.environments.snapshot()
+                             if self.server.access.allows(self.user, 'read', name)],
         }
         return Reply(200, json.dumps(status, indent=2).encode('utf-8'), JSON)
 
@@ -743,14 +1369,52 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         return self.query.get(name, [None])[0]
 
     def environment(self):
+        return self.server.environments[self.environment_name_of_query()]
+
+    def environment_name_of_query(self):
         name = self.query_value('env')
         if name is None:
             raise Refusal(400, 'missing ?env=NAME')
-        if not ENVIRONMENT_NAME.fullmatch(name):
+        if not tylstore.ENVIRONMENT_NAME.fullmatch(name):
             raise Refusal(400, 'bad environment name %s: use 1 to 128 of A-Z a-z 0-9 . _ -, '
                                'starting with a letter or digit' % _printable(name)[:140])
         self.environment_name = name
-        return self.server.environments[name]
+        return name
+
+    # -- access ---------------------------------------------------------------
+
+    def authenticate(self):
+        """The user this request speaks for; None when authentication is off.
+
+        It runs before the body is read, so a stranger cannot make the server
+        read MAX_BODY_BYTES; a refused body stays unread, and the connection
+        is closed.
+        """
+        access = self.server.access
+        if not access.required:
+            return None
+        try:
+            return access.authenticate(self.headers.get_all('Authorization', []),
+                                       self.certificate_user, self.client_address[0])
+        except Refusal as refusal:
+            refusal.close = refusal.close or self.announces_body()
+            raise
+
+    def authorize(self, action, body):
+        """403 unless the user holds the level `action` needs; an UNLOCK with
+        an empty body is a force-unlock, and needs admin."""
+        access = self.server.access
+        if not access.required:
+            return
+        level = 'admin' if action == 'unlock' and not body.strip() else self.PERMISSIONS[action]
+        name = self.environment_name_of_query() if 'env' in self.query else None
+        if not access.allows(self.user, level, name):
+            raise Refusal(403, 'user %s has no %s access to %s' % (
+                _printable(self.user)[:128], level, 'env ' + name if name else 'this server'))
+
+    def announces_body(self):
+        return ('Transfer-Encoding' in self.headers
+                or self.headers.get('Content-Length', '0').strip() != '0')
 
     def read_body(self):
         """The request body, by Content-Length or chunked, within MAX_BODY_BYTES.
@@ -848,10 +1512,11 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         self.log_access(reply, time.monotonic())
 
     def log_access(self, reply, started):
-        log.info('%s "%s %s" env=%s status=%d bytes=%d ms=%.1f lock=%s',
+        log.info('%s "%s %s" env=%s status=%d bytes=%d ms=%.1f lock=%s user=%s',
                  self.client_address[0], _printable(str(self.command)), _printable(str(self.path)),
                  self.environment_name or '-', reply.status, len(reply.body),
-                 (time.monotonic() - started) * 1000, _printable(self.lock_id or '-'))
+                 (time.monotonic() - started) * 1000, _printable(self.lock_id or '-'),
+                 _printable(self.user or '-'))
 
     def log_request(self, code='-', size='-'):
         """Replaced by `log_access`, which knows the environment and timing."""
@@ -882,12 +1547,59 @@ def _lock_id_of_body(body):
 # The server
 # --------------------------------------------------------------------------
 
+class WaitingConnections(object):
+    """The connections waiting for their next request, oldest first.
+
+    Waiting covers the TLS handshake, an idle keep-alive, and a request
+    line or headers still arriving.  When every connection slot is taken,
+    the connection that has waited longest is closed to make room, so
+    sockets that connect and stall cannot starve a real client; a
+    connection answering a request is never closed.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._handlers = OrderedDict()
+
+    def add(self, handler):
+        with self._lock:
+            self._handlers.pop(handler, None)
+            self._handlers[handler] = True
+
+    def claim(self, handler):
+        """Take `handler` out, as its request starts or its connection ends;
+        False when it was closed to make room meanwhile."""
+        with self._lock:
+            return self._handlers.pop(handler, False)
+
+    def close_oldest(self):
+        """Close the connection that has waited longest; False when none waits."""
+        with self._lock:
+            while self._handlers:
+                handler, _ = self._handlers.popitem(last=False)
+                try:
+                    # socket.socket's own shutdown: an SSLSocket's would
+                    # also drop its TLS state under the handler's feet.
+                    socket.socket.shutdown(handler.request, socket.SHUT_RDWR)
+                except OSError:
+                    continue    # closed already
+                log.debug('%s closed while waiting, to make room', handler.client_address[0])
+                return True
+        return False
+
+
+# Seconds a new connection waits for the slot of one closed to make room.
+SLOT_HANDOVER_TIMEOUT = 1.0
+
+
 class TYLServer(http.server.ThreadingHTTPServer):
     """A thread per connection, at most MAX_CONNECTIONS at once.
 
-    A connection over the limit gets an immediate 503 (Terraform retries
-    5xx), so a flood of idle sockets cannot make the server spawn threads
-    without end.
+    When all are taken, a new connection takes the slot of the one that
+    has waited longest for a request; when every one is answering a
+    request, it gets an immediate 503 (Terraform retries 5xx).  A flood
+    of sockets therefore neither makes the server spawn threads without
+    end nor keeps a real client out.
     """
 
     daemon_threads = True
@@ -898,7 +1610,9 @@ class TYLServer(http.server.ThreadingHTTPServer):
         self.constants = constants
         self.environments = Environments(plugins)
         self.ssl_context = _ssl_context(constants) if constants.USE_SSL else None
+        self.access = Access(constants)
         self.connection_slots = threading.BoundedSemaphore(constants.MAX_CONNECTIONS)
+        self.waiting_connections = WaitingConnections()
         self.stopping = False
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -918,7 +1632,7 @@ class TYLServer(http.server.ThreadingHTTPServer):
         return '%s://%s:%d/' % ('https' if self.ssl_context else 'http', host, self.server_port)
 
     def process_request(self, request, client_address):
-        if not self.connection_slots.acquire(blocking=False):
+        if not self.take_connection_slot():
             _refuse_connection(request)
             return
         try:
@@ -926,6 +1640,12 @@ class TYLServer(http.server.ThreadingHTTPServer):
         except BaseException:
             self.connection_slots.release()
             raise
+
+    def take_connection_slot(self):
+        if self.connection_slots.acquire(blocking=False):
+            return True
+        return (self.waiting_connections.close_oldest()
+                and self.connection_slots.acquire(timeout=SLOT_HANDOVER_TIMEOUT))
 
     def process_request_thread(self, request, client_address):
         try:
@@ -980,7 +1700,26 @@ def _ssl_context(constants):
     except (OSError, ssl.SSLError) as error:
         raise ConfigError('SSL_PUBLIC_KEY/SSL_PRIVATE_KEY: cannot load %s and %s: %s'
                           % (constants.SSL_PUBLIC_KEY, constants.SSL_PRIVATE_KEY, error))
+    if constants.SSL_CLIENT_CA:
+        try:
+            context.load_verify_locations(constants.SSL_CLIENT_CA)
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError('SSL_CLIENT_CA: cannot load %s: %s' % (constants.SSL_CLIENT_CA, error))
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _warn_if_exposed(server):
+    """Start-up warnings for a server that others can reach unprotected."""
+    host = server.server_address[0]
+    if ipaddress.ip_address(host.split('%')[0]).is_loopback:
+        return
+    if not server.access.required:
+        log.warning('listening on %s without AUTH_USERS: anyone who can reach it can read and '
+                    'change every state', host)
+    elif server.ssl_context is None:
+        log.warning('listening on %s without USE_SSL: passwords and states cross the network '
+                    'in clear text', host)
 
 
 def serve(server, shutdown_timeout=10):
@@ -1003,13 +1742,202 @@ def serve(server, shutdown_timeout=10):
 # The command line
 # --------------------------------------------------------------------------
 
+def read_password():
+    """A password: typed twice without echo on a terminal, else one line of
+    standard input (UTF-8, its line ending dropped)."""
+    if sys.stdin.isatty():
+        password = getpass.getpass('Password: ')
+        if getpass.getpass('Password again: ') != password:
+            raise ValueError('the two passwords differ')
+    else:
+        line = re.sub(rb'\r?\n\Z', b'', sys.stdin.buffer.readline())
+        try:
+            password = line.decode('utf-8')
+        except UnicodeDecodeError:
+            raise ValueError('the password is not UTF-8')
+    if not password:
+        raise ValueError('the password is empty')
+    return password
+
+
+# The admin commands work on the configured storage directly, through the
+# same protocol rules as the HTTP handler; they need no running server and
+# take the lock like any client, so they are safe beside one.
+
+def add_admin_commands(commands):
+    env = dict(type=_environment_name, metavar='ENV', help='environment name')
+    command = commands.add_parser('history', help="list an environment's versions, newest first")
+    command.add_argument('env', **env)
+    command.add_argument('--json', action='store_true', help='print the JSON of GET /history')
+    command.set_defaults(run=run_history)
+    command = commands.add_parser('restore', help='store an old version again, as the newest',
+                                  description=Environment.restore.__doc__.split('\n\n')[0])
+    command.add_argument('env', **env)
+    command.add_argument('version', help='a version from `history`')
+    command.set_defaults(run=run_restore)
+    command = commands.add_parser('export', help="write an environment's state to standard output")
+    command.add_argument('env', **env)
+    command.add_argument('--version', dest='state_version', metavar='VERSION',
+                         help='this version from `history` rather than the current state')
+    command.set_defaults(run=run_export)
+    command = commands.add_parser('import', help="store a file as an environment's state")
+    command.add_argument('env', **env)
+    command.add_argument('file', help='the state file; - reads standard input')
+    command.set_defaults(run=run_import)
+    command = commands.add_parser(
+        'migrate', help='copy every environment, with its history, to another backend',
+        description='Copy every environment of the configured backend (state, lock, and the '
+                    'history when both backends keep one) to another; an environment the target '
+                    'holds already is left alone.  Stop the servers on both first.')
+    command.add_argument('--to', metavar='CLASS', help='the target backend, as module.Class '
+                         "(default: the target config's BACKEND_CLASS)")
+    command.add_argument('--config', dest='target_config', metavar='OTHER',
+                         help="the target's config file (default: the source's)")
+    command.set_defaults(run=run_migrate)
+
+
+def run_admin_command(args, plugins):
+    """Run the command `args` names; a refusal, or a file it cannot read or
+    write, is one line on standard error and exit status 1."""
+    try:
+        return args.run(args, plugins)
+    except Refusal as refusal:
+        print('tylserver: %s' % refusal.reason, file=sys.stderr)
+    except OSError as error:
+        print('tylserver: %s' % _one_line(error), file=sys.stderr)
+    return 1
+
+
+def _environment_name(text):
+    if not tylstore.ENVIRONMENT_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError('bad environment name %r: use 1 to 128 of '
+                                         'A-Z a-z 0-9 . _ -, starting with a letter or digit' % text)
+    return text
+
+
+def _command_user():
+    """Who runs this command, in Terraform's form of LockInfo's Who."""
+    return '%s@%s via tylserver' % (getpass.getuser(), socket.gethostname())
+
+
+def run_history(args, plugins):
+    versions = Environment(args.env, plugins).versions()
+    if args.json:
+        print(json.dumps(versions, indent=2))
+        return 0
+    rows = [('VERSION', 'SERIAL', 'CREATED', 'SIZE', 'SHA256', 'WHO', 'LOCK ID')]
+    rows += [(v['version'], v['serial'], v['created'], v['size'], (v['sha256'] or '')[:12],
+              v['who'], v['lock_id']) for v in versions]
+    rows = [['-' if value is None else str(value) for value in row] for row in rows]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print('  '.join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def run_restore(args, plugins):
+    reply = Environment(args.env, plugins).restore(args.version, _command_user())
+    if reply.status != 200:
+        raise Refusal(reply.status, _one_line(reply.body.decode('utf-8', 'replace')))
+    print('restored version %s of env %s as serial %d'
+          % (args.version, args.env, json.loads(reply.body)['serial']))
+    return 0
+
+
+def run_export(args, plugins):
+    environment = Environment(args.env, plugins)
+    if args.state_version is not None:
+        reply = environment.read_version(args.state_version)
+    else:
+        reply = environment.read()
+    if reply.status != 200:
+        raise Refusal(404, 'env %s has no state' % args.env)
+    sys.stdout.buffer.write(reply.body)
+    sys.stdout.flush()
+    return 0
+
+
+def run_import(args, plugins):
+    if args.file == '-':
+        body = sys.stdin.buffer.read()
+    else:
+        with open(args.file, 'rb') as stream:
+            body = stream.read()
+    reply = Environment(args.env, plugins).import_state(body, _command_user())
+    if reply.status != 200:
+        raise Refusal(reply.status, _one_line(reply.body.decode('utf-8', 'replace')))
+    print('imported %s (%d bytes) into env %s' % (args.file, len(body), args.env))
+    return 0
+
+
+def run_migrate(args, plugins):
+    """Copy each environment (`Environment.copy_from`), telling post-processors
+    nothing.  On a terminal a line per environment shows the progress; piped,
+    only problems and the closing summary are printed."""
+    source = plugins._replace(post_process_classes=[])
+    if not source.backend_class.supports('list_environments'):
+        raise ConfigError('BACKEND_CLASS %s cannot list its environments, which migrate needs'
+                          % source.constants.BACKEND_CLASS)
+    target = _migration_target(args, plugins.constants)
+    names = source.backend_class.list_environments(source.constants)
+    progress = sys.stderr.isatty()
+    copied = already = versions = failed = 0
+    for number, name in enumerate(names, 1):
+        try:
+            if not tylstore.ENVIRONMENT_NAME.fullmatch(name):
+                raise Refusal(400, 'not a valid environment name; not copied')
+            count = Environment(name, target).copy_from(Environment(name, source))
+        except Exception as error:
+            reason = error.reason if isinstance(error, Refusal) else '%s: %s' % (
+                type(error).__name__, _one_line(error))
+            print('tylserver: env %s: %s' % (_printable(name), reason), file=sys.stderr)
+            failed += 1
+            continue
+        if count is None:
+            already += 1
+        else:
+            copied, versions = copied + 1, versions + count
+        if progress:
+            print('[%d/%d] %s: %s' % (number, len(names), name, 'there already' if count is None
+                                      else '%d versions' % count), file=sys.stderr, flush=True)
+    print('migrated %d environments (%d versions) from %s to %s; %d there already, %d failed'
+          % (copied, versions, source.constants.BACKEND_CLASS, target.constants.BACKEND_CLASS,
+             already, failed))
+    return 1 if failed else 0
+
+
+def _migration_target(args, constants):
+    """The plugins of the migration's target: --config's, or the source's
+    config, with --to's backend class and no post-processors."""
+    if args.target_config is None and args.to in (None, constants.BACKEND_CLASS):
+        raise ConfigError('migrate needs a target other than the source: --to CLASS, '
+                          '--config OTHER or both')
+    if args.target_config is not None:
+        constants = load_config(args.target_config)
+    if args.to is not None:
+        constants = type('C', (constants,), {'BACKEND_CLASS': _check_class_name('--to', args.to)})
+    return load_plugins(constants)._replace(post_process_classes=[])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='tylserver', description=__doc__.split('\n')[0])
     parser.add_argument('--config', help='config file (default: config.yaml beside tylserver.py)')
     parser.add_argument('--check-config', action='store_true',
                         help='load the config and the plugins, report, and exit')
     parser.add_argument('--version', action='version', version='TYL ' + __version__)
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND')
+    commands.add_parser('hash-password', help='read a password and print its hash for AUTH_USERS',
+                        description=read_password.__doc__.split('\n')[0])
+    add_admin_commands(commands)
+    parser.set_defaults(run=None)
     args = parser.parse_args(argv)
+    if args.command == 'hash-password':
+        try:
+            print(hash_password(read_password()))
+        except ValueError as error:
+            print('tylserver: error: %s' % error, file=sys.stderr)
+            return 2
+        return 0
     try:
         constants = load_config(args.config)
         logging.basicConfig(level=constants.LOG_LEVEL, stream=sys.stderr,
@@ -1020,6 +1948,8 @@ def main(argv=None):
                   % (constants.BACKEND_CLASS, ', '.join(constants.POST_PROCESS_CLASSES),
                      constants.BACKEND_SERVICE_IP, constants.BACKEND_SERVICE_PORT))
             return 0
+        if args.run:
+            return run_admin_command(args, plugins)
         server = TYLServer(plugins)
     except ConfigError as error:
         print('tylserver: error: %s' % error, file=sys.stderr)
@@ -1031,6 +1961,7 @@ def main(argv=None):
         return 2
     print('TYL %s listening on %s with %s' % (__version__, server.url, constants.BACKEND_CLASS),
           file=sys.stderr, flush=True)
+    _warn_if_exposed(server)
     serve(server)
     return 0
 

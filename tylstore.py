@@ -7,17 +7,27 @@ written for PyTerraBackTYL loads unchanged; `tylserver` registers this module
 under that old name too.
 
 This module imports no server code.  Besides the two base classes it holds
-the constants object `C`, `TYLHelpers`, and the small helpers every built-in
-store needs: a durable atomic file write and LockInfo parsing.
+the constants object `C`, `TYLHelpers`, the small helpers every built-in
+store needs (a durable atomic file write and LockInfo parsing), and
+`DeliveryQueue`, which every notifier needs to post without delaying Terraform.
 """
 
 import abc
+import collections
+import inspect
 import json
+import logging
 import os
 import re
 import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
 
 __version__ = '1.0.0'
+
+log = logging.getLogger('tyl')
 
 
 # A valid environment name: the server refuses every other before a
@@ -74,6 +84,17 @@ class C(object):
     HELPER_HOSTNAME_QUERY_MAP = {}
 
 
+class BackendUnavailable(Exception):
+    """Raised by a backend whose storage is out of reach for now (a database
+    down or failing over).  The server answers 503 with this one-line
+    message and `Retry-After: retry_after`, and Terraform retries, so a
+    short outage costs a pause instead of a failed run."""
+
+    def __init__(self, reason, retry_after=2):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
 class TYLPersistent(abc.ABC):
     """A store for one environment's state and lock.
 
@@ -83,16 +104,20 @@ class TYLPersistent(abc.ABC):
     must then be atomic against that process too.
 
     Errors are not to be caught: an exception reaches Terraform as a 500
-    with its message, which stops the run and tells the user.
+    with its message, which stops the run and tells the user.  Storage
+    that is out of reach for now raises `BackendUnavailable` instead.
     """
 
     # True for a backend that stores the exact bytes received.  The server
     # then passes them as `raw_bytes` to set_locked, set_unlocked and
     # store_tfstate; store_tfstate also gets `metadata` (serial, lineage,
-    # size, sha256, created, lock_id, who: what a history records), and its
-    # `tfstate_obj` is None unless post-processors needed the state
-    # unpacked anyway, which spares unpacking a large state.  Plugins
-    # written for PyTerraBackTYL never see any of this.
+    # size, sha256, created, lock_id, who: what a history records) and
+    # `holder_id`, the ID of the lock the server found held ('' for none),
+    # for a store shared by several servers to check again in the
+    # transaction that stores.  Its `tfstate_obj` is None unless
+    # post-processors needed the state unpacked anyway, which spares
+    # unpacking a large state.  Plugins written for PyTerraBackTYL never
+    # see any of this.
     RAW_BYTES = False
 
     @abc.abstractmethod
@@ -136,10 +161,42 @@ class TYLPersistent(abc.ABC):
         override this answers DELETE with 405."""
         raise NotImplementedError('%s cannot delete state' % type(self).__name__)
 
+    # History: a backend that overrides list_versions and get_version keeps
+    # every state it stores as a version, with the `metadata` store_tfstate
+    # received, within constants.HISTORY_KEEP (the newest so many; 0 keeps
+    # none) and constants.HISTORY_KEEP_DAYS (0 or None: no age limit; the
+    # newest version is kept whatever its age).  Without them, /history
+    # answers 404 and `tylserver.py restore` refuses.
+
+    def list_versions(self):
+        """Optional: the versions kept, newest first, as dicts: `version`,
+        the identifier get_version takes (a string), and the metadata the
+        version was stored with (serial, lineage, size, sha256, created,
+        lock_id, who)."""
+        raise NotImplementedError('%s keeps no history' % type(self).__name__)
+
+    def get_version(self, version):
+        """Optional: the exact bytes of version `version`, or None when
+        there is no such version.  `version` comes from a request
+        unchecked: any text that list_versions did not give is unknown."""
+        raise NotImplementedError('%s keeps no history' % type(self).__name__)
+
+    @classmethod
+    def list_environments(cls, constants):
+        """Optional: the names of the environments with anything stored
+        under `constants`, sorted; `tylserver.py migrate` copies these."""
+        raise NotImplementedError('%s cannot list its environments' % cls.__name__)
+
     @classmethod
     def supports(cls, method_name):
         """Whether this backend overrides the optional method `method_name`."""
-        return getattr(cls, method_name) is not getattr(TYLPersistent, method_name)
+        return inspect.getattr_static(cls, method_name) is not \
+            inspect.getattr_static(TYLPersistent, method_name)
+
+
+# Guards every post-processor's error count: a delivery thread and a
+# request thread may count errors of the same instance at once.
+_ERROR_COUNT_LOCK = threading.Lock()
 
 
 class TYLNonpersistent(abc.ABC):
@@ -149,6 +206,14 @@ class TYLNonpersistent(abc.ABC):
 
     _logged_errors_ = 0
     _recent_error_ = ''
+
+    # True for a post-processor that wants `lock_info` in kwargs: the
+    # LockInfo (a dict) of the lock taken, released or force-released, or
+    # held by the writer ({} for a write without a lock).  It comes from
+    # the store, so it is right even when the lock was taken before a
+    # restart or through another server process.  Plugins written for
+    # PyTerraBackTYL never see it.
+    LOCK_INFO = False
 
     @abc.abstractmethod
     def __init__(self, environment, constants, **kwargs):
@@ -169,6 +234,13 @@ class TYLNonpersistent(abc.ABC):
     def post_processor_status(self):
         """Optional: health and status information, JSON-compatible."""
         return None
+
+    def log_error(self, message):
+        """Count an error and keep `message` as the most recent; GET /state
+        shows both.  Safe from any thread."""
+        with _ERROR_COUNT_LOCK:
+            self._logged_errors_ += 1
+            self._recent_error_ = message
 
 
 class TYLHelpers(object):
@@ -207,6 +279,103 @@ def _resource_attributes(tfstate):
             yield resource.get('type'), (resource.get('primary') or {}).get('attributes') or {}
 
 
+class DeliveryQueue(object):
+    """HTTP POSTs delivered in order by one background thread, so that a
+    slow or dead receiver never delays or fails a Terraform request.
+
+    Post-processors exist per environment; `shared` hands every instance of
+    a class the same queue, so 10,000 environments still cost one thread
+    per class, and one class's dead receiver cannot hold up another's.
+
+    - Bounded: at most `size` posts wait.  When full, the oldest is dropped,
+      since after an outage the latest events say most about the present.
+    - Retried: `attempts` tries, waiting `retry_delay`, then twice that, and
+      so on.  A 4xx other than 408 or 429 is final at once.
+    - Timed out: `timeout` seconds per connect and per read of each try
+      (urllib's socket timeout; a receiver answering a byte at a time can
+      stretch a try, and a name lookup is not covered).
+    - Counted: a post dropped, or failed after its tries, is an error of the
+      post-processor that sent it (`log_error`), shown in GET /state.
+
+    Posts still queued when the process exits are lost.
+    """
+
+    _shared = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(self, name, size, attempts, timeout, retry_delay):
+        self.name = name
+        self.size = size
+        self.attempts = attempts
+        self.timeout = timeout
+        self.retry_delay = retry_delay
+        self.counts = {'delivered': 0, 'failed': 0, 'dropped': 0}
+        self._pending = collections.deque()
+        self._changed = threading.Condition()
+        threading.Thread(target=self._deliver_forever, name='delivery ' + name, daemon=True).start()
+
+    @classmethod
+    def shared(cls, name, constants):
+        """The process's queue called `name`, made on first use from the
+        NOTIFY_* keys of `constants`."""
+        with cls._shared_lock:
+            if name not in cls._shared:
+                cls._shared[name] = cls(name, constants.NOTIFY_QUEUE_SIZE, constants.NOTIFY_ATTEMPTS,
+                                        constants.NOTIFY_TIMEOUT, constants.NOTIFY_RETRY_DELAY)
+            return cls._shared[name]
+
+    def post(self, sender, url, body, headers):
+        """Queue a POST of `body` (bytes) to `url` and return at once;
+        `sender` (a TYLNonpersistent) is told of its failure."""
+        request = urllib.request.Request(url, data=body, headers=headers, method='POST')
+        request.add_header('User-Agent', 'TYL/' + __version__)
+        dropped = None
+        with self._changed:
+            if len(self._pending) >= self.size:
+                dropped = self._pending.popleft()[0]
+                self.counts['dropped'] += 1
+            self._pending.append((sender, request))
+            self._changed.notify()
+        if dropped is not None:
+            self._fail(dropped, 'dropped: the %s queue of %d was full' % (self.name, self.size))
+
+    def status(self):
+        """Posts waiting now, and delivered, failed and dropped so far."""
+        with self._changed:
+            return dict(self.counts, queued=len(self._pending))
+
+    def _deliver_forever(self):
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending)
+                sender, request = self._pending.popleft()
+            error = self._deliver(request)
+            with self._changed:
+                self.counts['failed' if error else 'delivered'] += 1
+            if error:
+                self._fail(sender, 'delivery failed ' + error)
+
+    def _deliver(self, request):
+        """Post `request`, retrying; '' once delivered, else why not."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                urllib.request.urlopen(request, timeout=self.timeout).close()
+                return ''
+            except Exception as error:  # the thread must survive any receiver
+                failure = 'after %d attempt(s): %s: %s' % (attempt, type(error).__name__, error)
+                if isinstance(error, urllib.error.HTTPError):
+                    error.close()
+                    if 400 <= error.code < 500 and error.code not in (408, 429):
+                        break
+            if attempt < self.attempts:
+                time.sleep(self.retry_delay * 2 ** (attempt - 1))
+        return failure
+
+    def _fail(self, sender, message):
+        log.warning('%s: %s', type(sender).__name__, message)
+        sender.log_error(message)
+
+
 def lock_info(lock):
     """A stored lock (text, bytes or dict) as a dict; {} when there is none
     or it is not a JSON object."""
@@ -224,6 +393,20 @@ def lock_id(lock):
     return found if isinstance(found, str) else ''
 
 
+# The form of a version's `created`: UTC to the second, so that two such
+# times compare as strings.
+CREATED_FORMAT = '%Y-%m-%dT%H:%M:%SZ'
+
+
+def history_cutoff(constants):
+    """The `created` before which a version is older than HISTORY_KEEP_DAYS,
+    or None when there is no age limit."""
+    if not constants.HISTORY_KEEP_DAYS:
+        return None
+    oldest = time.time() - constants.HISTORY_KEEP_DAYS * 86400
+    return time.strftime(CREATED_FORMAT, time.gmtime(oldest))
+
+
 def fsync_path(path):
     """Flush a file, or a directory (making a rename or unlink in it durable)."""
     fd = os.open(path, os.O_RDONLY)
@@ -233,7 +416,7 @@ def fsync_path(path):
         os.close(fd)
 
 
-def _write_temporary_file(directory, data):
+def write_temporary_file(directory, data):
     """Write `data` to a new fsynced 0600 file in `directory`; return its path."""
     fd, temporary = tempfile.mkstemp(dir=directory, prefix='.tmp-')
     try:
@@ -255,7 +438,7 @@ def write_file_durably(path, data):
     rename over the target, fsync of the directory.  The file is 0600.
     """
     directory = os.path.dirname(path) or '.'
-    temporary = _write_temporary_file(directory, data)
+    temporary = write_temporary_file(directory, data)
     try:
         os.replace(temporary, path)
     except BaseException:
@@ -274,7 +457,7 @@ def create_file_durably(path, data):
     other exactly like O_CREAT|O_EXCL.
     """
     directory = os.path.dirname(path) or '.'
-    temporary = _write_temporary_file(directory, data)
+    temporary = write_temporary_file(directory, data)
     try:
         os.link(temporary, path)
     except FileExistsError:

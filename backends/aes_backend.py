@@ -1,7 +1,10 @@
 """The file backend, with every file encrypted at rest by AES-256-GCM.
 
-    FILE_DATA_PATH/<environment>/terraform.tfstate   the state, encrypted
-    FILE_DATA_PATH/<environment>/lock.json           the lock while held, encrypted
+    FILE_DATA_PATH/<environment>/terraform.tfstate     the state, encrypted
+    FILE_DATA_PATH/<environment>/lock.json             the lock while held, encrypted
+    FILE_DATA_PATH/<environment>/history/<N>.tfstate   version N of the state: the
+                                                       same encrypted file, linked
+    FILE_DATA_PATH/<environment>/history/<N>.json      its metadata, encrypted
 
 All the rest is file_backend's: atomic durable writes, the exclusive create
 that takes the lock, 0700 directories and 0600 files; this module only
@@ -17,11 +20,12 @@ A file is a 28-byte header and the sealed bytes:
     nonce               12 random bytes, new for every write
     ciphertext, tag     AES-256-GCM of the exact bytes received; tag 16 bytes
 
-The associated data is the header, the file's role ('state' or 'lock') and
-the environment's name: a file copied to another environment, or a lock
-put in place of the state, does not decrypt.  Nothing here can notice an
-older file of the same environment and role put back; the file
-permissions must prevent that.
+The associated data is the header, the file's role ('state', 'lock' or
+'version', a version's metadata) and the environment's name: a file copied
+to another environment, or a lock put in place of the state, does not
+decrypt.  Nothing here can notice an older file of the same environment
+and role put back, such as a version from history/ copied over the state;
+the file permissions must prevent that.
 
 The current key (AES_SECRET_KEY, or AES_KEY_FILE holding the same text)
 encrypts every write; retired keys (AES_OLD_KEYS, AES_OLD_KEY_FILES) only

@@ -1,19 +1,47 @@
 """The embedded default store: one directory per environment on local disk.
 
-    FILE_DATA_PATH/<environment>/terraform.tfstate   the state, as received
-    FILE_DATA_PATH/<environment>/lock.json           the lock, while held
+    FILE_DATA_PATH/<environment>/terraform.tfstate     the state, as received
+    FILE_DATA_PATH/<environment>/lock.json             the lock, while held
+    FILE_DATA_PATH/<environment>/history/<N>.tfstate   version N of the state
+    FILE_DATA_PATH/<environment>/history/<N>.json      its metadata (serial,
+                                                       lineage, size, sha256,
+                                                       created, lock_id, who)
 
 Every change is atomic and durable before the server answers (see
 `tylstore.write_file_durably`), and taking the lock is an exclusive create,
 so two server processes sharing FILE_DATA_PATH exclude each other.
 Directories are 0700 and files 0600: state holds secrets.
+
+Every state stored is also version N, numbered from 1 up, and the state
+bytes are written once: the temporary file written and fsynced is
+hard-linked into history/ and then renamed over terraform.tfstate, so the
+newest version and the state are one inode.  A version is its .json and
+its .tfstate together; the .json is created first, exclusively, which
+claims the number.  The versions beyond HISTORY_KEEP, and those older than
+HISTORY_KEEP_DAYS but the newest, are unlinked in the same write.  Then
+history/ and the environment's directory are fsynced, in one journal
+commit on the usual file systems, so a write costs one small fsynced file
+(the metadata) and one directory fsync more than without history.  A crash
+may at worst leave the state in place without its version, or a removed
+version back, never a torn one.  Deleting the state keeps its history, so
+a deleted state can be restored.
 """
 
+import json
 import os
+import re
 import uuid
 
-from tylstore import (TYLPersistent, create_file_durably, fsync_path, lock_id,
-                      write_file_durably)
+from tylstore import (ENVIRONMENT_NAME, TYLPersistent, create_file_durably, fsync_path,
+                      history_cutoff, lock_id, write_file_durably, write_temporary_file)
+
+# A version's number as it names its files: no sign, no leading zero, so
+# one number has one name.
+VERSION_NUMBER = re.compile(r'[1-9][0-9]{0,17}')
+VERSION_METADATA = re.compile(r'([1-9][0-9]{0,17})\.json')
+
+# Numbers tried after the next one is found taken by another process.
+CLAIM_ATTEMPTS = 100
 
 
 class FileBackend(TYLPersistent):
@@ -25,26 +53,29 @@ class FileBackend(TYLPersistent):
         self.directory = os.path.join(self.root, environment)
         self.state_path = os.path.join(self.directory, constants.TFSTATE_FILE_NAME)
         self.lock_path = os.path.join(self.directory, 'lock.json')
+        self.history = os.path.join(self.directory, 'history')
+        self.constants = constants
 
     def _in_directory(self, write, path, data):
-        """Run `write(path, data)`, creating the environment's directory when
-        it is missing: on the first change, never on a read, so a mistyped
+        """Run `write(path, data)`, creating the environment's directories
+        when missing: on the first change, never on a read, so a mistyped
         name leaves nothing behind, and without a check on every write."""
         try:
             return write(path, data)
         except FileNotFoundError:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
-            try:
-                os.mkdir(self.directory, 0o700)
-            except FileExistsError:
-                pass
-            else:
-                fsync_path(self.root)
+            for directory, parent in ((self.directory, self.root), (self.history, self.directory)):
+                try:
+                    os.mkdir(directory, 0o700)
+                except FileExistsError:
+                    continue
+                fsync_path(parent)
             return write(path, data)
 
-    # Every file goes through these two, `role` naming it ('state' or
-    # 'lock'), so a subclass can store another form of the same bytes
-    # (aes_backend encrypts them) and reuse all the rest.
+    # Every file goes through these two, `role` naming it ('state', 'lock'
+    # or 'version': a version's metadata), so a subclass can store another
+    # form of the same bytes (aes_backend encrypts them) and reuse all the
+    # rest.
     def _dump(self, role, data):
         """The bytes to write for `data`."""
         return data
@@ -87,11 +118,49 @@ class FileBackend(TYLPersistent):
         return self._load('lock', self.lock_path).decode('utf-8')
 
     def store_tfstate(self, tfstate_obj, **kwargs):
-        self._in_directory(write_file_durably, self.state_path,
-                           self._dump('state', kwargs['raw_bytes']))
+        data = self._dump('state', kwargs['raw_bytes'])
+        if not self.constants.HISTORY_KEEP:
+            self._in_directory(write_file_durably, self.state_path, data)
+            return
+        written = self._in_directory(write_temporary_file, self.directory, data)
+        claimed = self._claimed(self._history_names())
+        try:
+            number = self._add_version(written, kwargs['metadata'], max(claimed, default=0) + 1)
+            os.replace(written, self.state_path)
+        except BaseException:
+            os.unlink(written)
+            raise
+        self._prune(claimed + [number])
+        # One journal commit makes the links, the rename and the removals
+        # durable: the second fsync finds nothing left to do.
+        fsync_path(self.history)
+        fsync_path(self.directory)
 
     def get_tfstate(self):
         return self._load('state', self.state_path)
+
+    def list_versions(self):
+        versions = []
+        for number in reversed(self._versions()):
+            metadata = self._load('version', self._version_path(number, '.json'))
+            if metadata:  # else pruned meanwhile by another process
+                versions.append(dict(json.loads(metadata), version=str(number)))
+        return versions
+
+    def get_version(self, version):
+        if not VERSION_NUMBER.fullmatch(version) or \
+                not os.path.exists(self._version_path(version, '.json')):
+            return None
+        return self._load('state', self._version_path(version, '.tfstate')) or None
+
+    @classmethod
+    def list_environments(cls, constants):
+        try:
+            names = os.listdir(constants.FILE_DATA_PATH)
+        except FileNotFoundError:
+            return []
+        return sorted(name for name in names if ENVIRONMENT_NAME.fullmatch(name)
+                      and os.path.isdir(os.path.join(constants.FILE_DATA_PATH, name)))
 
     def delete_tfstate(self, **kwargs):
         try:
@@ -105,7 +174,91 @@ class FileBackend(TYLPersistent):
             'directory': self.directory,
             'locked': os.path.exists(self.lock_path),
             'state_bytes': len(_read(self.state_path)),
+            'versions': len(self._versions()),
         }
+
+    # -- history -------------------------------------------------------------
+
+    def _version_path(self, number, suffix):
+        return os.path.join(self.history, '%s%s' % (number, suffix))
+
+    def _history_names(self):
+        try:
+            return set(os.listdir(self.history))
+        except FileNotFoundError:
+            return set()
+
+    def _claimed(self, names):
+        """The version numbers claimed in `names` (a listing of history/), ascending."""
+        return sorted(int(found.group(1)) for found in map(VERSION_METADATA.fullmatch, names)
+                      if found)
+
+    def _versions(self):
+        """The numbers of the complete versions, ascending."""
+        names = self._history_names()
+        return [number for number in self._claimed(names) if '%d.tfstate' % number in names]
+
+    def _add_version(self, state_file, metadata, first):
+        """Link `state_file` into history/ as version `first`, or the next
+        number free, beside its metadata; return its number.
+
+        The metadata file is created exclusively, which claims the number:
+        two processes writing at once take different numbers.  It is
+        fsynced before the .tfstate is linked, so a complete version never
+        has a torn .json.
+        """
+        description = self._dump('version', json.dumps(metadata).encode('utf-8'))
+        for number in range(first, first + CLAIM_ATTEMPTS):
+            if self._in_directory(_create_new, self._version_path(number, '.json'), description):
+                os.link(state_file, self._version_path(number, '.tfstate'))
+                return number
+        raise RuntimeError('no free version number in %s after %d attempts'
+                           % (self.history, CLAIM_ATTEMPTS))
+
+    def _prune(self, numbers):
+        """Unlink the versions, of `numbers` (ascending), that HISTORY_KEEP
+        or HISTORY_KEEP_DAYS let go; the .tfstate first, so that a crash
+        leaves at worst a .json, which a later write removes, never a
+        .tfstate that nothing lists or removes."""
+        keep = self.constants.HISTORY_KEEP
+        doomed = numbers[:-keep]
+        cutoff = history_cutoff(self.constants)
+        if cutoff:
+            for number in numbers[-keep:-1]:
+                if self._is_complete(number) and not self._created_before(number, cutoff):
+                    break
+                doomed.append(number)  # too old, or what a crash left of a version
+        for number in doomed:
+            for suffix in ('.tfstate', '.json'):
+                try:
+                    os.unlink(self._version_path(number, suffix))
+                except FileNotFoundError:
+                    pass
+
+    def _is_complete(self, number):
+        return os.path.exists(self._version_path(number, '.tfstate'))
+
+    def _created_before(self, number, cutoff):
+        metadata = json.loads(self._load('version', self._version_path(number, '.json')) or b'{}')
+        return isinstance(metadata.get('created'), str) and metadata['created'] < cutoff
+
+
+def _create_new(path, data):
+    """Create the file `path` holding `data`, fsynced; False when it exists.
+
+    Unlike tylstore.create_file_durably the name appears before the
+    content: for a version's metadata, which counts only once the version's
+    .tfstate is linked beside it.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, 'wb') as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    return True
 
 
 def _read(path):

@@ -10,6 +10,15 @@ branch per environment, named after it, holding at its root
     state_change.log           GIT_STATE_CHANGE_LOG_FILENAME: a line per lock and
                                unlock, the last GIT_STATE_CHANGE_LOG_SCROLLBACK kept
 
+The history is git's own: each commit that wrote terraform.tfstate is a
+version, named by its commit hash, and its message ends with a trailer
+line `TYL-Version: {JSON}` holding the version's metadata (serial, lineage,
+size, sha256, created, lock_id, who).  Commits without one (PyTerraBackTYL's)
+are versions too, with only `created`, their commit time.  Rewriting a
+branch would need a forced push, so nothing is ever deleted:
+HISTORY_KEEP and HISTORY_KEEP_DAYS only limit the versions listed and
+served.
+
 Commits are built with plumbing (hash-object, mktree, commit-tree) in a bare
 repository at GIT_WORKING_PATH, with no work tree and no index, so nothing
 on disk is ever half-written: a killed server leaves at most an unreferenced
@@ -52,15 +61,27 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import subprocess
+import time
 from collections import defaultdict
 
-from tylstore import ENVIRONMENT_NAME, TYLPersistent, fsync_path, lock_id
+from tylstore import (CREATED_FORMAT, ENVIRONMENT_NAME, TYLPersistent, fsync_path, history_cutoff,
+                      lock_id)
 
 # PyTerraBackTYL's lock file name (its C.LOCK_STATE_LOCKED) and its words for
 # a force-unlock, which carries no lock information.
 LOCK_FILE_NAME = 'LOCKED'
 FORCE_UNLOCK_TEXT = 'An out-of-process change was made using terraform (e.g. `terraform force-unlock`)'
+
+# The start of the commit message's last line that holds a version's metadata.
+VERSION_TRAILER = b'TYL-Version: '
+
+# A version's identifier: a commit hash (SHA-1, or SHA-256 in such a repository).
+COMMIT = re.compile(r'[0-9a-f]{40}|[0-9a-f]{64}')
+
+# The directory in the repository holding each environment's flock file.
+LOCKS_DIRECTORY = 'tyl-locks'
 
 # Seconds one git command may run: a remote that hangs must not hold the
 # environment for ever.
@@ -92,18 +113,15 @@ class GitBackend(TYLPersistent):
         self.remote = constants.GIT_REPOSITORY
         self.path = constants.GIT_WORKING_PATH
         self.branch = 'refs/heads/' + _branch_name(environment)
-        default = constants.GIT_DEFAULT_CLONE_BRANCH
-        # PyTerraBackTYL wrote it as remote/branch, 'origin/master'.
-        self.default_branch = 'refs/heads/' + (
-            default[len('origin/'):] if default.startswith('origin/') else default)
+        self.default_branch = _default_branch(constants)
         self.state_name = constants.TFSTATE_FILE_NAME.encode('utf-8')
         self.backup_name = self.state_name + b'.backup'
         self.lock_name = LOCK_FILE_NAME.encode('utf-8')
         self.log_name = constants.GIT_STATE_CHANGE_LOG_FILENAME.encode('utf-8')
-        self.lock_path = os.path.join(self.path, 'tyl-locks', environment)
+        self.lock_path = os.path.join(self.path, LOCKS_DIRECTORY, environment)
         self.environ = _git_environment(constants)
         self.holding = ()
-        self._create_repository()
+        _create_repository(self.path, self.environ)
 
     # -- the backend contract ------------------------------------------------
 
@@ -152,13 +170,60 @@ class GitBackend(TYLPersistent):
             changes = {self.state_name: kwargs['raw_bytes']}
             if self.state_name in files:
                 changes[self.backup_name] = files[self.state_name]
-            if not self._commit(tip, files, changes,
-                                self._holder_message(files, 'state written without a lock')):
+            message = '%s\n\n%s%s' % (self._holder_message(files, 'state written without a lock'),
+                                      VERSION_TRAILER.decode('ascii'),
+                                      json.dumps(kwargs['metadata']))
+            if not self._commit(tip, files, changes, message):
                 raise self._conflict()
 
     def get_tfstate(self):
         with self._exclusive():
             return self._content(self._files(self._head()), self.state_name)
+
+    def list_versions(self):
+        """The commits that wrote the state, newest first, from the
+        environment's branch back to where it left GIT_DEFAULT_CLONE_BRANCH."""
+        keep = self.constants.HISTORY_KEEP
+        with self._exclusive():
+            tip = self._head()
+            if not tip or not keep:
+                return []
+            base = self._fetched(self.default_branch)
+            log = self._git('log', '-z', '--format=%H%n%ct%n%B', '--diff-filter=AM', '-n', str(keep),
+                            tip, *(('^' + base,) if base else ()), '--', self.state_name).stdout
+        versions = [_version(record) for record in log.split(b'\0') if record]
+        cutoff = history_cutoff(self.constants)
+        return versions[:1] + [version for version in versions[1:]
+                               if not cutoff or version['created'] >= cutoff]
+
+    def get_version(self, version):
+        if not COMMIT.fullmatch(version) or \
+                version not in [listed['version'] for listed in self.list_versions()]:
+            return None
+        with self._exclusive():
+            return self._git('cat-file', 'blob', b'%s:%s' % (version.encode('ascii'),
+                                                             self.state_name)).stdout
+
+    @classmethod
+    def list_environments(cls, constants):
+        """Every branch but GIT_DEFAULT_CLONE_BRANCH that is an environment's."""
+        environ = _git_environment(constants)
+        path = constants.GIT_WORKING_PATH
+        if constants.GIT_REPOSITORY:
+            _create_repository(path, environ)
+            listing = _run_git(path, environ, ('ls-remote', '--', 'origin', 'refs/heads/*')).stdout
+        elif os.path.isdir(path):
+            listing = _run_git(path, environ, ('for-each-ref', '--', 'refs/heads/')).stdout
+        else:
+            return []
+        default = _default_branch(constants)
+        environments = []
+        for ref in _parse_refs(listing):
+            name = ref[len('refs/heads/'):].replace('%2E', '.')
+            if ref != default and ENVIRONMENT_NAME.fullmatch(name) and \
+                    'refs/heads/' + _branch_name(name) == ref:
+                environments.append(name)
+        return sorted(environments)
 
     def delete_tfstate(self, **kwargs):
         """Remove the state; it stays in the history and as the backup."""
@@ -196,35 +261,8 @@ class GitBackend(TYLPersistent):
         The flock held, if any, is handed to git (`hold`), so that it stays
         held until git is done even if this process is killed meanwhile.
         """
-        streams = {'input': input} if input is not None else {'stdin': subprocess.DEVNULL}
-        done = subprocess.run(('git',) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=self.environ, cwd=self.path, timeout=GIT_TIMEOUT,
-                              pass_fds=self.holding if hold else (), **streams)
-        if check and done.returncode:
-            raise self._failure(args[0], done)
-        return done
-
-    def _failure(self, command, done):
-        return GitError('git %s failed in %s: %s' % (
-            command, self.path, ' '.join(done.stderr.decode('utf-8', 'replace').split())))
-
-    def _create_repository(self):
-        """Create the bare repository on first use, once even when several
-        servers start together (under an flock of its directory)."""
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.path.isdir(os.path.dirname(self.lock_path)):
-                return
-            # --shared=0600: git makes every file 0600 and every directory
-            # 0700, for state holds secrets.  --template=: no sample hooks.
-            self._git('init', '--quiet', '--bare', '--template=', '--shared=0600')
-            os.mkdir(os.path.dirname(self.lock_path), 0o700)
-            for directory in ('objects', 'refs', '', os.pardir):
-                fsync_path(os.path.join(self.path, directory))
-        finally:
-            os.close(fd)
+        return _run_git(self.path, self.environ, args, input=input, check=check,
+                        pass_fds=self.holding if hold else ())
 
     @contextlib.contextmanager
     def _exclusive(self):
@@ -245,11 +283,7 @@ class GitBackend(TYLPersistent):
             listing = self._git('ls-remote', '--', 'origin', ref).stdout
         else:
             listing = self._git('for-each-ref', '--', ref).stdout
-        for line in listing.splitlines():
-            found, name = line.split(b'\t', 1)
-            if name == ref.encode('utf-8'):
-                return found.split()[0].decode('ascii')
-        return None
+        return _parse_refs(listing).get(ref)
 
     def _fetched(self, ref):
         """The commit `ref` is at in the storage, with its objects here;
@@ -318,7 +352,7 @@ class GitBackend(TYLPersistent):
         if moved.returncode:
             now = self._head()  # with a remote, this also fetches the other server's change
             if now == old:
-                raise self._failure('push' if self.remote else 'update-ref', moved)
+                raise _failure(self.path, 'push' if self.remote else 'update-ref', moved)
             if now != new:  # not our own push, reported lost on its way back
                 return False
         if self.remote:
@@ -360,6 +394,71 @@ class GitBackend(TYLPersistent):
         return GitConflict(
             'environment %s was changed by another server while this change was made; '
             'nothing was stored, try again' % self.environment)
+
+
+def _run_git(path, environ, args, input=None, check=True, pass_fds=()):
+    """Run `git *args` in the repository at `path` with `environ`; return
+    its CompletedProcess, or raise GitError when it fails and `check`."""
+    streams = {'input': input} if input is not None else {'stdin': subprocess.DEVNULL}
+    done = subprocess.run(('git',) + tuple(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=environ, cwd=path, timeout=GIT_TIMEOUT, pass_fds=pass_fds, **streams)
+    if check and done.returncode:
+        raise _failure(path, args[0], done)
+    return done
+
+
+def _failure(path, command, done):
+    return GitError('git %s failed in %s: %s' % (
+        command, path, ' '.join(done.stderr.decode('utf-8', 'replace').split())))
+
+
+def _create_repository(path, environ):
+    """Create the bare repository at `path` on first use, once even when
+    several servers start together (under an flock of its directory)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.path.isdir(os.path.join(path, LOCKS_DIRECTORY)):
+            return
+        # --shared=0600: git makes every file 0600 and every directory
+        # 0700, for state holds secrets.  --template=: no sample hooks.
+        _run_git(path, environ, ('init', '--quiet', '--bare', '--template=', '--shared=0600'))
+        os.mkdir(os.path.join(path, LOCKS_DIRECTORY), 0o700)
+        for directory in ('objects', 'refs', '', os.pardir):
+            fsync_path(os.path.join(path, directory))
+    finally:
+        os.close(fd)
+
+
+def _default_branch(constants):
+    """The ref of GIT_DEFAULT_CLONE_BRANCH, which PyTerraBackTYL wrote as
+    remote/branch, 'origin/master'."""
+    default = constants.GIT_DEFAULT_CLONE_BRANCH
+    return 'refs/heads/' + (default[len('origin/'):] if default.startswith('origin/') else default)
+
+
+def _version(record):
+    """A version's entry from one record of `git log --format=%H%n%ct%n%B`."""
+    commit, seconds, message = record.split(b'\n', 2)
+    entry = {'version': commit.decode('ascii'),
+             'created': time.strftime(CREATED_FORMAT, time.gmtime(int(seconds)))}
+    trailer = message.rstrip(b'\n').rpartition(b'\n')[2]
+    if trailer.startswith(VERSION_TRAILER):
+        try:
+            entry.update(json.loads(trailer[len(VERSION_TRAILER):].decode('utf-8')))
+        except ValueError:
+            pass  # not ours after all: a message that merely looks like it
+    return entry
+
+
+def _parse_refs(listing):
+    """{ref name: commit} from the output of for-each-ref or ls-remote."""
+    refs = {}
+    for line in listing.splitlines():
+        found, name = line.split(b'\t', 1)
+        refs[name.decode('utf-8', 'replace')] = found.split()[0].decode('ascii')
+    return refs
 
 
 def _fill(template, info):

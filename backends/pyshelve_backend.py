@@ -53,7 +53,7 @@ import os
 import shelve
 import shutil
 
-from tylstore import TYLPersistent, fsync_path, lock_id
+from tylstore import ENVIRONMENT_NAME, TYLPersistent, fsync_path, lock_id
 
 TFSTATE_KEY = 'TFSTATE'
 LOCK_KEY = 'LOCK_STATE'
@@ -112,6 +112,22 @@ class PyShelveBackend(TYLPersistent):
         with self._locked(create=False) as found:
             if found:
                 self._rewrite({TFSTATE_KEY: ''})
+
+    @classmethod
+    def list_environments(cls, constants):
+        """The environments with a shelf in PYSHELVE_DATA_PATH, in whichever
+        dbm format: a file named <env>PYSHELVE_DB_FILE_NAME, with or without
+        the format's own extension (.dat, .dir, .db...)."""
+        root, suffix = constants.PYSHELVE_DATA_PATH, constants.PYSHELVE_DB_FILE_NAME
+        try:
+            names = os.listdir(root)
+        except FileNotFoundError:
+            return []
+        stems = {stem for name in names for stem in (name, os.path.splitext(name)[0])
+                 if stem.endswith(suffix)}
+        return sorted(stem[:-len(suffix)] for stem in stems
+                      if ENVIRONMENT_NAME.fullmatch(stem[:-len(suffix)])
+                      and dbm.whichdb(os.path.join(root, stem)))
 
     def backend_status(self):
         return {

@@ -3,23 +3,36 @@
     SQLITE_DB_PATH (default tyl.sqlite3, relative to the config file's directory)
         table tfstate(environment, state)    the state, as the exact bytes received
         table tflock(environment, id, info)  the lock while held, as the exact bytes received
+        table versions(environment, version, state, created, metadata)
+                                             every state stored, numbered from 1 up per
+                                             environment, with its metadata as JSON
 
 Only the standard library's sqlite3 is used.  The database is created in
 WAL mode and used with synchronous=FULL, so every change is on disk before
 the server answers and readers never wait for a writer.  Each change is one
-autocommit statement, so a crash leaves the old value or the new, and taking
+transaction, so a crash leaves the old value or the new, and taking
 the lock is a single INSERT OR IGNORE, so several server processes on this
 host sharing the file exclude each other.  The file is created 0600 (SQLite
 gives its -wal and -shm files the same mode): state holds secrets.  SQLite
 limits a BLOB to 1 GB, far above MAX_BODY_BYTES.
+
+A state is stored twice, in tfstate and as a new row of versions, in one
+transaction, which also deletes the versions beyond HISTORY_KEEP and those
+older than HISTORY_KEEP_DAYS but the newest: tfstate stays one row per
+environment that readers find without a scan, whatever the history holds.
+The metadata is JSON text because a serial may exceed SQLite's 64-bit
+integers; `created` has its own column for the age limit.
 """
 
+import contextlib
+import json
 import os
+import re
 import sqlite3
 import tempfile
 import threading
 
-from tylstore import TYLPersistent, create_file_durably, lock_id
+from tylstore import TYLPersistent, create_file_durably, history_cutoff, lock_id
 
 # Seconds a statement waits for another connection's write before failing
 # with "database is locked"; one write of a large state can take seconds.
@@ -35,7 +48,18 @@ CREATE TABLE tflock (
     id TEXT NOT NULL,
     info BLOB NOT NULL
 );
+CREATE TABLE versions (
+    environment TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state BLOB NOT NULL,
+    created TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    PRIMARY KEY (environment, version)
+);
 """
+
+# A version's identifier as list_versions gives it: no sign, no leading zero.
+VERSION_NUMBER = re.compile(r'[1-9][0-9]{0,17}')
 
 
 class SQLiteBackend(TYLPersistent):
@@ -43,6 +67,7 @@ class SQLiteBackend(TYLPersistent):
 
     def __init__(self, environment, constants, **kwargs):
         self.environment = environment
+        self.constants = constants
         self.path = constants.SQLITE_DB_PATH
         if not os.path.exists(self.path):
             _create_database(self.path)
@@ -79,12 +104,37 @@ class SQLiteBackend(TYLPersistent):
         return info.decode('utf-8') if info is not None else ''
 
     def store_tfstate(self, tfstate_obj, **kwargs):
-        """One statement, one transaction: never half a state."""
-        self.db.execute('INSERT OR REPLACE INTO tfstate (environment, state) VALUES (?, ?)',
-                        (self.environment, kwargs['raw_bytes']))
+        """One transaction: never half a state, never a state without its version."""
+        state = kwargs['raw_bytes']
+        with _transaction(self.db) as db:
+            db.execute('INSERT OR REPLACE INTO tfstate (environment, state) VALUES (?, ?)',
+                       (self.environment, state))
+            if self.constants.HISTORY_KEEP:
+                self._add_version(db, state, kwargs['metadata'])
 
     def get_tfstate(self):
         return self._value('SELECT state FROM tfstate WHERE environment = ?') or b''
+
+    def list_versions(self):
+        rows = self.db.execute('SELECT version, metadata FROM versions WHERE environment = ? '
+                               'ORDER BY version DESC', (self.environment,))
+        return [dict(json.loads(metadata), version=str(version)) for version, metadata in rows]
+
+    def get_version(self, version):
+        if not VERSION_NUMBER.fullmatch(version):
+            return None
+        row = self.db.execute('SELECT state FROM versions WHERE environment = ? AND version = ?',
+                              (self.environment, int(version))).fetchone()
+        return row[0] if row else None
+
+    @classmethod
+    def list_environments(cls, constants):
+        if not os.path.exists(constants.SQLITE_DB_PATH):
+            return []
+        rows = _connection(constants.SQLITE_DB_PATH).execute(
+            'SELECT environment FROM tfstate UNION SELECT environment FROM tflock '
+            'UNION SELECT environment FROM versions ORDER BY environment')
+        return [environment for environment, in rows]
 
     def delete_tfstate(self, **kwargs):
         self.db.execute('DELETE FROM tfstate WHERE environment = ?', (self.environment,))
@@ -94,7 +144,24 @@ class SQLiteBackend(TYLPersistent):
             'database': self.path,
             'locked': bool(self._value('SELECT 1 FROM tflock WHERE environment = ?')),
             'state_bytes': self._value('SELECT length(state) FROM tfstate WHERE environment = ?') or 0,
+            'versions': self._value('SELECT count(*) FROM versions WHERE environment = ?'),
         }
+
+    def _add_version(self, db, state, metadata):
+        """Insert `state` as the next version and delete the versions that
+        HISTORY_KEEP and HISTORY_KEEP_DAYS let go (inside the caller's
+        transaction)."""
+        newest = db.execute('SELECT coalesce(max(version), 0) + 1 FROM versions '
+                            'WHERE environment = ?', (self.environment,)).fetchone()[0]
+        db.execute('INSERT INTO versions (environment, version, state, created, metadata) '
+                   'VALUES (?, ?, ?, ?, ?)', (self.environment, newest, state,
+                                              metadata.get('created') or '', json.dumps(metadata)))
+        db.execute('DELETE FROM versions WHERE environment = ? AND version <= ?',
+                   (self.environment, newest - self.constants.HISTORY_KEEP))
+        cutoff = history_cutoff(self.constants)
+        if cutoff:
+            db.execute('DELETE FROM versions WHERE environment = ? AND version < ? AND created < ?',
+                       (self.environment, newest, cutoff))
 
 
 _per_thread = threading.local()
@@ -119,6 +186,19 @@ def _connection(path):
         db.execute('PRAGMA synchronous=FULL')
         connections[path] = db
     return connections[path]
+
+
+@contextlib.contextmanager
+def _transaction(db):
+    """A write transaction on `db` (an autocommit connection): committed
+    when the block ends, rolled back when it raises."""
+    db.execute('BEGIN IMMEDIATE')
+    try:
+        yield db
+    except BaseException:
+        db.execute('ROLLBACK')
+        raise
+    db.execute('COMMIT')
 
 
 def _create_database(path):

@@ -4,6 +4,7 @@ import http.client
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -36,6 +37,10 @@ class TYLProcess(object):
         self.log_path = os.path.join(self.workdir, 'server.log')
         self.process = None
         self.port = None
+        # For a server with USE_SSL and AUTH_USERS: the client's TLS context
+        # (trusting the test CA) and headers sent with every request.
+        self.client_context = None
+        self.default_headers = {}
 
     @property
     def data_path(self):
@@ -43,7 +48,7 @@ class TYLProcess(object):
 
     @property
     def url(self):
-        return 'http://127.0.0.1:%d' % self.port
+        return '%s://127.0.0.1:%d' % ('https' if self.config.get('USE_SSL') else 'http', self.port)
 
     def start(self, timeout=15):
         config = dict(self.config)
@@ -92,6 +97,9 @@ class TYLProcess(object):
             return stream.read()
 
     def connection(self, timeout=30):
+        if self.client_context:
+            return http.client.HTTPSConnection('127.0.0.1', self.port, timeout=timeout,
+                                               context=self.client_context)
         return http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout)
 
     def request(self, method, path, body=None, headers=None, connection=None):
@@ -102,7 +110,8 @@ class TYLProcess(object):
         own = connection is None
         connection = connection or self.connection()
         try:
-            connection.request(method, path, body=body, headers=headers or {})
+            headers = dict(self.default_headers, **(headers or {}))
+            connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
@@ -131,3 +140,88 @@ def tyl_factory(tmp_path):
 def tyl_server(tyl_factory):
     """A started server on the default file backend."""
     return tyl_factory().start()
+
+
+class Certificates(object):
+    """PEM files made at run time in `directory`: a test CA, a server
+    certificate for 127.0.0.1 and localhost, client certificates whose
+    subject CN is `alice` and `bob`, and one for `alice` from a CA the
+    server does not trust.  Each `name` has `name.pem` and `name.key`."""
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+        ca = self.issue('ca', 'TYL test CA', None)
+        self.issue('server', '127.0.0.1', ca, server=True)
+        self.issue('alice', 'alice', ca)
+        self.issue('bob', 'bob', ca)
+        self.issue('stranger', 'alice', self.issue('other-ca', 'Another CA', None))
+
+    def pem(self, name):
+        return os.path.join(self.directory, name + '.pem')
+
+    def key(self, name):
+        return os.path.join(self.directory, name + '.key')
+
+    def issue(self, name, common_name, issuer, server=False):
+        """Write `name`.pem and .key; `issuer` is (certificate, key), None for a CA."""
+        import datetime
+        import ipaddress
+        x509 = pytest.importorskip('cryptography.x509')
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        issuer_certificate, issuer_key = issuer or (None, key)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(subject)
+                   .issuer_name(issuer_certificate.subject if issuer else subject)
+                   .public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None),
+                                  critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                  critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       issuer_key.public_key()), critical=False))
+        if issuer is None:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                encipher_only=False, decipher_only=False), critical=True)
+        else:
+            usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName([
+                x509.IPAddress(ipaddress.ip_address('127.0.0.1')), x509.DNSName('localhost')]),
+                critical=False)
+        certificate = builder.sign(issuer_key, hashes.SHA256())
+        with open(self.pem(name), 'wb') as stream:
+            stream.write(certificate.public_bytes(serialization.Encoding.PEM))
+        with open(self.key(name), 'wb') as stream:
+            stream.write(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        return certificate, key
+
+    def client_context(self, name=None):
+        """A client TLS context trusting the test CA, presenting `name`'s certificate."""
+        context = ssl.create_default_context(cafile=self.pem('ca'))
+        if name:
+            context.load_cert_chain(self.pem(name), self.key(name))
+        return context
+
+    def server_config(self, **config):
+        """Config keys for a TLS server with the test server certificate."""
+        return dict(USE_SSL=True, SSL_PUBLIC_KEY=self.pem('server'),
+                    SSL_PRIVATE_KEY=self.key('server'), **config)
+
+
+@pytest.fixture(scope='session')
+def certificates(tmp_path_factory):
+    return Certificates(tmp_path_factory.mktemp('certificates'))

@@ -76,20 +76,24 @@ def undecryptable(path):
 
 def test_files_on_disk_hold_no_plaintext(aes):
     instance = aes.new()
-    store_state(instance, SECRET_STATE)
+    store_state(instance, SECRET_STATE, holder=SECRET_LOCK.decode('utf-8'))
     assert lock(instance, SECRET_LOCK)
-    found = []
+    found = {}
     for directory, _, files in os.walk(os.path.join(aes.workdir, 'data')):
         for name in files:
             with open(os.path.join(directory, name), 'rb') as stream:
-                found.append(stream.read())
-    assert len(found) == 2
-    for data in found:
+                found[os.path.relpath(os.path.join(directory, name), aes.path(name=''))] = stream.read()
+    # The state, the lock, and the state's version with its metadata, which
+    # names the lock holder (here SECRET): encrypted too.
+    assert sorted(found) == ['history/1.json', 'history/1.tfstate', 'lock.json', 'terraform.tfstate']
+    assert found['history/1.tfstate'] == found['terraform.tfstate']
+    for data in found.values():
         assert data.startswith(MAGIC + ID_A)
         for plain in (SECRET.encode('utf-8'), b'"version"', b'"ID"', b'lineage'):
             assert plain not in data
     assert instance.get_tfstate() == SECRET_STATE
     assert instance.get_lock_state().encode('utf-8') == SECRET_LOCK
+    assert instance.list_versions()[0]['who'] == SECRET + '@host'
 
 
 def test_every_write_has_its_own_nonce(aes):

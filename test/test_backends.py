@@ -2,8 +2,9 @@
 
 Like Terraform's shared remote-state tests (remote.TestClient and
 remote.TestRemoteLocks), every test runs against each entry of BACKENDS.
-An entry names the store's BACKEND_CLASS, the config it needs and the
-capabilities it claims; adding a backend is adding one line.
+An entry names the store's BACKEND_CLASS, the config it needs (or a
+function returning it, called for each fresh storage) and the capabilities
+it claims; adding a backend is adding one line.
 
 Instances are built as the server builds them: `tylserver.load_config` on a
 config file in the test's directory, then `tylserver.load_plugins`.  Every
@@ -31,6 +32,7 @@ import time
 import pytest
 import yaml
 
+import postgres_cluster
 import tylserver
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,18 +42,23 @@ ROOT = os.path.dirname(HERE)
 #     config shares and that outlives the instance (restart, second process,
 #     kill -9).
 # checks_unlock_id: set_unlocked with an ID releases only the lock of that ID.
-Backend = collections.namedtuple('Backend', 'name backend_class config persistent checks_unlock_id')
+# keeps_history: every state stored is a version (list_versions, get_version).
+Backend = collections.namedtuple('Backend', 'name backend_class config persistent checks_unlock_id '
+                                            'keeps_history', defaults=(False,))
 
 BACKENDS = [
     Backend('file', 'file_backend.FileBackend', {'FILE_DATA_PATH': 'store'},
-            persistent=True, checks_unlock_id=True),
+            persistent=True, checks_unlock_id=True, keeps_history=True),
     Backend('sqlite', 'sqlite_backend.SQLiteBackend', {'SQLITE_DB_PATH': 'store/tyl.sqlite3'},
-            persistent=True, checks_unlock_id=True),
+            persistent=True, checks_unlock_id=True, keeps_history=True),
     Backend('pyshelve', 'pyshelve_backend.PyShelveBackend', {'PYSHELVE_DATA_PATH': 'store'},
             persistent=True, checks_unlock_id=True),
     Backend('aes', 'aes_backend.AESBackend', {'FILE_DATA_PATH': 'store', 'AES_SECRET_KEY': 'A' * 43 + '='},
-            persistent=True, checks_unlock_id=True),
-    Backend('git', 'git_backend.GitBackend', {'GIT_WORKING_PATH': 'store'}, persistent=True, checks_unlock_id=True),
+            persistent=True, checks_unlock_id=True, keeps_history=True),
+    Backend('git', 'git_backend.GitBackend', {'GIT_WORKING_PATH': 'store'}, persistent=True, checks_unlock_id=True,
+            keeps_history=True),
+    Backend('postgres', 'postgres_backend.PostgresBackend', postgres_cluster.store_config,
+            persistent=True, checks_unlock_id=True, keeps_history=True),
     Backend('template', 'TEMPLATE_backend.TemplateBackend', {'YES_I_KNOW_WHAT_I_AM_DOING': True},
             persistent=False, checks_unlock_id=False),
 ]
@@ -60,6 +67,7 @@ MB = 1024 * 1024
 KILL_STATE_BYTES = 20 * MB
 KILL_ROUNDS = 4
 LARGE_STATE_BYTES = 50 * MB
+KEPT_VERSIONS = 5
 RACERS = 8
 RACE_ROUNDS = 25
 # Seconds any one wait in this file may last before the test fails.
@@ -80,9 +88,9 @@ def each_backend(*needs):
 
 class Store(object):
     """One backend's storage under `workdir`, with the config file that
-    names it; each `new()` is one more instance on it."""
+    names it (and `extra_config`); each `new()` is one more instance on it."""
 
-    def __init__(self, backend, workdir):
+    def __init__(self, backend, workdir, **extra_config):
         self.backend = backend
         self.workdir = workdir
         self.storage = os.path.join(workdir, 'store')
@@ -90,8 +98,12 @@ class Store(object):
         os.makedirs(workdir, exist_ok=True)
         # The plugin path is the built-in one, already on sys.path, so that
         # the many stores of a run do not each add a directory to it.
-        config = dict(backend.config, BACKEND_CLASS=backend.backend_class,
+        config = dict(backend.config() if callable(backend.config) else backend.config,
+                      BACKEND_CLASS=backend.backend_class,
                       BACKEND_PLUGINS_PATH=os.path.join(ROOT, 'backends'))
+        # Few versions by default, so that the kill test's 20 MB states do
+        # not pile up; the history tests set their own.
+        config.update(dict({'HISTORY_KEEP': KEPT_VERSIONS}, **extra_config))
         with open(self.config_path, 'w') as stream:
             yaml.safe_dump(config, stream)
         self.constants, self.cls = load(self.config_path)
@@ -142,8 +154,19 @@ def force_unlock(instance):
     return call(instance, 'set_unlocked', b'{}')
 
 
-def store_state(instance, body):
-    return call(instance, 'store_tfstate', body)
+def state_arguments(instance, body, holder=''):
+    """(object, kwargs) that tylserver.Environment passes to store_tfstate:
+    those of `server_arguments` and, for RAW_BYTES, the version's
+    `metadata`, written under the lock `holder`."""
+    obj, kwargs = server_arguments(instance, body)
+    if type(instance).RAW_BYTES:
+        kwargs['metadata'] = tylserver._version_metadata(body, tylserver.inspect_state(body), holder)
+    return obj, kwargs
+
+
+def store_state(instance, body, holder=''):
+    obj, kwargs = state_arguments(instance, body, holder)
+    return instance.store_tfstate(obj, **kwargs)
 
 
 def as_bytes(value):
@@ -466,10 +489,10 @@ WRITER = r'''
 import os, sys, time
 root, here, config_path, ready_path, size = sys.argv[1:6]
 sys.path[:0] = [root, here]
-from test_backends import big_state, load, server_arguments
+from test_backends import big_state, load, state_arguments
 constants, cls = load(config_path)
 instance = cls('env', constants)
-writes = [server_arguments(instance, big_state(label, int(size))) for label in 'BA']
+writes = [state_arguments(instance, big_state(label, int(size))) for label in 'BA']
 open(ready_path, 'w').close()
 deadline = time.monotonic() + %d
 for number in range(10000):
@@ -518,7 +541,153 @@ def test_kill_during_write_leaves_old_or_new_state(store):
         assert is_stored(reader, state, state_a) or is_stored(reader, state, state_b), \
             'round %d: torn state: %s' % (round_number, summary(as_bytes(state)))
     assert mid_write_kills, 'no kill landed inside store_tfstate; the test proved nothing'
+    if store.backend.keeps_history:
+        assert_history_is_whole(store.new())
     after = store.new()
     store_state(after, SMALL_STATE)
     assert_stored(after, after.get_tfstate(), SMALL_STATE)
     assert lock(after, L1)
+
+
+# -- history -------------------------------------------------------------------
+
+def distinct_states(count):
+    """`count` small states, serials 1 to `count`, spaced unusually."""
+    return [('{"version":4 ,"serial": %d,"lineage":"l\u00e9","outputs":{"n":{"value":"%d \U0001F996",'
+             '"type":"string"}},"resources":[]}\n' % (n, n)).encode('utf-8') for n in range(1, count + 1)]
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_history_is_whole(instance):
+    """Every version listed gives bytes that match its metadata, and the
+    state in place is one of them."""
+    versions = instance.list_versions()
+    assert versions, 'no version listed'
+    for version in versions:
+        data = instance.get_version(version['version'])
+        assert data is not None, version
+        assert (sha256(data), len(data)) == (version['sha256'], version['size']), version
+    assert sha256(as_bytes(instance.get_tfstate())) in [version['sha256'] for version in versions]
+
+
+def stored_versions(instance):
+    return [instance.get_version(version['version']) for version in instance.list_versions()]
+
+
+@each_backend()
+def test_history_is_supported_exactly_where_claimed(store):
+    for method_name in ('list_versions', 'get_version'):
+        assert store.cls.supports(method_name) == store.backend.keeps_history, method_name
+
+
+@each_backend('keeps_history')
+def test_every_write_is_a_version_with_its_exact_bytes(store):
+    instance = store.new()
+    assert instance.list_versions() == []
+    bodies = [TRICKY_STATE, SMALL_STATE, TRICKY_STATE]
+    for body in bodies:
+        store_state(instance, body)
+    versions = instance.list_versions()
+    assert len({version['version'] for version in versions}) == 3
+    assert all(isinstance(version['version'], str) for version in versions)
+    assert stored_versions(instance) == bodies[::-1]
+    assert_history_is_whole(instance)
+    assert store.new().list_versions() == versions  # another process sees the same
+
+
+@each_backend('keeps_history')
+def test_a_version_carries_its_metadata(store):
+    instance = store.new()
+    assert lock(instance, L1)
+    before = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+    store_state(instance, TRICKY_STATE, holder=L1.decode('utf-8'))
+    after = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+    [version] = instance.list_versions()
+    assert before <= version['created'] <= after
+    assert version == {
+        'version': version['version'], 'created': version['created'],
+        'serial': 123456789012345678901234567890, 'lineage': '0c4e\u2028\u2029-\U0001F996',
+        'size': len(TRICKY_STATE), 'sha256': sha256(TRICKY_STATE),
+        'lock_id': '11111111-1111-1111-1111-111111111111', 'who': 'alice@host',
+    }
+
+
+@each_backend('keeps_history')
+def test_history_keeps_the_newest_history_keep_versions(store):
+    kept = Store(store.backend, os.path.join(store.workdir, 'keep3'), HISTORY_KEEP=3)
+    instance = kept.new()
+    identifiers = []
+    bodies = distinct_states(7)
+    for body in bodies:
+        store_state(instance, body)
+        identifiers.append(instance.list_versions()[0]['version'])
+    assert [version['version'] for version in instance.list_versions()] == identifiers[:-4:-1]
+    assert stored_versions(instance) == bodies[:-4:-1]
+    assert [instance.get_version(identifier) for identifier in identifiers[:4]] == [None] * 4
+    assert_history_is_whole(instance)
+
+
+@each_backend('keeps_history')
+def test_history_drops_versions_older_than_history_keep_days_but_the_newest(store):
+    aged = Store(store.backend, os.path.join(store.workdir, 'days'), HISTORY_KEEP_DAYS=2)
+    instance = aged.new()
+    three_days_ago = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(time.time() - 3 * 86400))
+    old, new = distinct_states(5)[:3], distinct_states(5)[3:]
+    for body in old:
+        obj, kwargs = state_arguments(instance, body)
+        kwargs['metadata']['created'] = three_days_ago
+        instance.store_tfstate(obj, **kwargs)
+    assert stored_versions(instance) == [old[-1]]
+    for body in new:
+        store_state(instance, body)
+    assert stored_versions(instance) == new[::-1]
+
+
+@each_backend('keeps_history')
+def test_history_keep_0_keeps_no_versions(store):
+    instance = Store(store.backend, os.path.join(store.workdir, 'none'), HISTORY_KEEP=0).new()
+    store_state(instance, TRICKY_STATE)
+    store_state(instance, SMALL_STATE)
+    assert instance.list_versions() == []
+    assert_stored(instance, instance.get_tfstate(), SMALL_STATE)
+
+
+@each_backend('keeps_history')
+def test_an_unknown_or_malformed_version_is_none(store):
+    instance = store.new()
+    store_state(instance, SMALL_STATE)
+    [version] = instance.list_versions()
+    for unknown in ['', '0', '2', '01', '-1', '+1', ' 1', '1 ', '1.json', '../env/terraform.tfstate',
+                    version['version'] + '/', version['version'] + '\0', '9' * 100, 'a' * 40,
+                    '0' * 64, '%s', 'HEAD', 'HEAD~1']:
+        if unknown != version['version']:
+            assert instance.get_version(unknown) is None, unknown
+    assert instance.get_version(version['version']) == SMALL_STATE
+
+
+@each_backend('keeps_history')
+def test_history_outlives_a_deleted_state(store):
+    instance = store.new()
+    store_state(instance, TRICKY_STATE)
+    instance.delete_tfstate()
+    assert as_bytes(instance.get_tfstate()) == b''
+    assert stored_versions(instance) == [TRICKY_STATE]
+    store_state(instance, SMALL_STATE)
+    assert stored_versions(instance) == [SMALL_STATE, TRICKY_STATE]
+
+
+@each_backend()
+def test_environments_are_listed_where_supported(store):
+    if not store.cls.supports('list_environments'):
+        with pytest.raises(NotImplementedError):
+            store.cls.list_environments(store.constants)
+        return
+    assert store.cls.list_environments(store.constants) == []
+    store_state(store.new('b-env'), SMALL_STATE)
+    assert lock(store.new('a.env'), L1)
+    store_state(store.new('c..d.lock'), SMALL_STATE)
+    store.new('never-written').get_tfstate()
+    assert store.cls.list_environments(store.constants) == ['a.env', 'b-env', 'c..d.lock']

@@ -62,6 +62,8 @@ def test_version():
     ('POST_PROCESS_CLASSES', [3]),
     ('HELPER_HOSTNAME_QUERY_MAP', ['a']),
     ('FILE_DATA_PATH', ''),
+    ('HISTORY_KEEP', -1),
+    ('HISTORY_KEEP_DAYS', 'a week'),
 ])
 def test_a_bad_value_stops_start_up_with_one_line_naming_the_key(tmp_path, key, value):
     result = run_tylserver('--config', write_config(tmp_path, **{key: value}))

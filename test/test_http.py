@@ -1097,7 +1097,11 @@ def test_data_directory_is_0700_and_files_0600(tyl_server):
     assert write(tyl_server, 'other', STATE)[0] == 200
     assert data_files(tyl_server) == sorted([os.path.join('app', 'lock.json'),
                                              os.path.join('app', 'terraform.tfstate'),
-                                             os.path.join('other', 'terraform.tfstate')])
+                                             os.path.join('app', 'history', '1.json'),
+                                             os.path.join('app', 'history', '1.tfstate'),
+                                             os.path.join('other', 'terraform.tfstate'),
+                                             os.path.join('other', 'history', '1.json'),
+                                             os.path.join('other', 'history', '1.tfstate')])
     for directory, directories, files in os.walk(tyl_server.data_path):
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
         for name in files:

@@ -13,12 +13,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 
 import terraform_binaries
+from conftest import TYLSERVER
 
 RUN_TIMEOUT = 120           # seconds for one terraform command
 HOLD_TIMEOUT = 60           # seconds a provisioner may hold the lock at most
@@ -484,3 +486,51 @@ def test_terraform_0_11_apply_and_lock_conflict(tyl_server, tf011):
     assert after['serial'] > state['serial']
     assert after['modules'][0]['resources']['null_resource.a']['primary']['attributes'][
         'triggers.v'] == '2'
+
+
+# --------------------------------------------------------------------------
+# History and restore (Terraform 1.0.3)
+# --------------------------------------------------------------------------
+
+def counted_resources(count):
+    return '''
+resource "null_resource" "n" {
+  count = %d
+  triggers = {
+    index = count.index
+  }
+}
+''' % count
+
+
+def history(server, env):
+    status, _, body = server.request('GET', '/history?env=' + env)
+    assert status == 200, (status, body)
+    return json.loads(body.decode())
+
+
+def test_restore_of_an_older_version_is_what_terraform_plans_from(tyl_server, tf):
+    env = 'restored'
+    work = tf().write(backend(tyl_server, env) + counted_resources(3))
+    work.init()
+    work.apply()
+    three = history(tyl_server, env)[0]
+    work.write(backend(tyl_server, env) + counted_resources(5))
+    work.apply()
+    _, five = stored(tyl_server, env)
+    assert v4_resources(five) == [('null_resource', 'n', 5)]
+
+    status, _, old = tyl_server.request('GET', '/?env=%s&version=%s' % (env, three['version']))
+    assert status == 200 and v4_resources(json.loads(old.decode())) == [('null_resource', 'n', 3)]
+    done = subprocess.run([sys.executable, TYLSERVER, '--config', tyl_server.config_path,
+                           'restore', env, three['version']], capture_output=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+
+    raw, restored = stored(tyl_server, env)
+    assert restored['serial'] == five['serial'] + 1 and restored['lineage'] == five['lineage']
+    assert raw == old.replace(b'"serial": %d,' % three['serial'], b'"serial": %d,' % restored['serial'])
+    _, _, text = work.run('plan', '-input=false', '-no-color', '-detailed-exitcode', expect=2)
+    assert 'Plan: 2 to add, 0 to change, 0 to destroy.' in text, text
+    for index in (3, 4):
+        assert '# null_resource.n[%d] will be created' % index in text, text
+    assert_lock_free(tyl_server, env)
