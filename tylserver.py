@@ -1193,6 +1193,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         '/state': {'GET': 'show_status'},
         '/history': {'GET': 'show_history'},
         '/restore': {'POST': 'restore_version'},
+        '/health': {'GET': 'show_health'},
     }
     ALL_METHODS = 'GET, POST, PUT, DELETE, LOCK, UNLOCK'
     # The level each action needs (see AUTH_RULES) on the environment it
@@ -1200,6 +1201,8 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
     PERMISSIONS = {'read_state': 'read', 'write_state': 'write', 'lock': 'write', 'unlock': 'write',
                    'delete_state': 'admin', 'show_status': 'admin', 'show_history': 'read',
                    'restore_version': 'admin'}
+    # Open to anyone: they reveal no environment, for load balancers and probes.
+    OPEN_ACTIONS = ('show_health',)
 
     # Set per request; these defaults cover requests refused before parsing.
     path = ''
@@ -1243,18 +1246,16 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         self.environment_name = self.lock_id = self.user = None
         with self.server.request_in_flight():
             try:
-                self.user = self.authenticate()
-                body = self.read_body()
                 url = urlsplit(self.path)
-                actions = self.ROUTES.get(url.path)
-                if actions is None:
-                    raise Refusal(404, 'no such path: %s' % url.path)
-                action = actions.get(self.command)
+                action = self.ROUTES.get(url.path, {}).get(self.command)
+                if action not in self.OPEN_ACTIONS:
+                    self.user = self.authenticate()
+                body = self.read_body()
                 if action is None:
-                    raise Refusal(405, '%s is not allowed on %s' % (self.command, url.path),
-                                  headers=[('Allow', ', '.join(actions))])
+                    self.refuse_route(url.path)
                 self.query = self.parse_query(url.query)
-                self.authorize(action, body)
+                if action not in self.OPEN_ACTIONS:
+                    self.authorize(action, body)
                 reply = getattr(self, action)(body)
                 headers = []
                 if action == 'read_state' and reply.status == 200:
@@ -1277,6 +1278,13 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         self.log_access(reply, started)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_LOCK = do_UNLOCK = dispatch
+
+    def refuse_route(self, path):
+        actions = self.ROUTES.get(path)
+        if actions is None:
+            raise Refusal(404, 'no such path: %s' % _printable(path)[:256])
+        raise Refusal(405, '%s is not allowed on %s' % (self.command, path),
+                      headers=[('Allow', ', '.join(actions))])
 
     def __getattr__(self, name):
         # http.server answers an unknown method with 501; Terraform would not
@@ -1338,6 +1346,9 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
             raise Refusal(400, 'missing &version=V: the version to restore, from /history')
         who = '%s via POST /restore' % (self.user or self.client_address[0])
         return self.environment().restore(version, who)
+
+    def show_health(self, body):
+        return self.server.health_check()
 
     def show_status(self, body):
         constants = self.server.constants
@@ -1592,6 +1603,10 @@ class WaitingConnections(object):
 SLOT_HANDOVER_TIMEOUT = 1.0
 
 
+# The environment /health reads the lock of; it is never written.
+HEALTH_ENVIRONMENT = 'tyl-health-check'
+
+
 class TYLServer(http.server.ThreadingHTTPServer):
     """A thread per connection, at most MAX_CONNECTIONS at once.
 
@@ -1609,6 +1624,7 @@ class TYLServer(http.server.ThreadingHTTPServer):
         constants = plugins.constants
         self.constants = constants
         self.environments = Environments(plugins)
+        self.health_environment = Environment(HEALTH_ENVIRONMENT, plugins)
         self.ssl_context = _ssl_context(constants) if constants.USE_SSL else None
         self.access = Access(constants)
         self.connection_slots = threading.BoundedSemaphore(constants.MAX_CONNECTIONS)
@@ -1619,6 +1635,18 @@ class TYLServer(http.server.ThreadingHTTPServer):
         host = constants.BACKEND_SERVICE_IP
         self.address_family = socket.AF_INET6 if ':' in host else socket.AF_INET
         super().__init__((host, constants.BACKEND_SERVICE_PORT), TYLRequestHandler)
+
+    def health_check(self):
+        """200 when the storage answers, 503 when it does not; the reply
+        names no environment.  The probe reads the lock of a reserved
+        environment through the same rules as any request, so it crosses the
+        whole path to the storage and changes nothing."""
+        try:
+            self.health_environment.lock_holder()
+        except Exception as error:
+            log.warning('health check failed: %s: %s', type(error).__name__, _one_line(error))
+            return text_reply(503, 'storage unavailable: %s' % type(error).__name__)
+        return text_reply(200, 'ok')
 
     def server_bind(self):
         # HTTPServer.server_bind looks the host name up in DNS; a bastion

@@ -831,6 +831,18 @@ def test_backend_exception_is_one_line_500_and_server_keeps_serving(tyl_factory,
     assert server.process.poll() is None
 
 
+def test_health_answers_a_round_trip_to_the_storage(tyl_server, tyl_factory):
+    status, headers, data = req(tyl_server, 'GET', '/health')
+    assert (status, data) == (200, b'ok\n')
+    assert not os.path.exists(tyl_server.data_path) or os.listdir(tyl_server.data_path) == []
+    assert json.loads(req(tyl_server, 'GET', '/state')[2])['environments'] == []
+
+    # The template backend fails on first use unless told it may run.
+    broken = tyl_factory('broken', BACKEND_CLASS='TEMPLATE_backend.TemplateBackend').start()
+    status, _, data = req(broken, 'GET', '/health')
+    assert status == 503 and data == b'storage unavailable: RuntimeError\n'
+
+
 OLD_STYLE_BACKEND = '''
 import json
 

@@ -287,6 +287,7 @@ def test_database_down_gives_503_fast_then_recovers(cluster, servers, tf):
     cluster.stop()
     try:
         for server in servers:
+            assert server.request('GET', '/health')[0] == 503
             assert_unavailable(server, 'GET', '/?env=%s' % env)
             assert_unavailable(server, 'LOCK', '/lock?env=%s' % env, body)
             assert_unavailable(server, 'GET', '/?env=never-seen-before')
@@ -298,6 +299,7 @@ def test_database_down_gives_503_fast_then_recovers(cluster, servers, tf):
     code, text = work.finish(process)
     assert code == 0, text
     for server in servers:
+        assert server.request('GET', '/health')[::2] == (200, b'ok\n')
         _, state = stored(server, env)
         assert v4_resources(state) == [('null_resource', 'a', 1)]
         assert_lock_free(server, env)

@@ -242,7 +242,9 @@ def test_the_issue_example_and_pbkdf2_hashes_check_out(tmp_path, hashes):
 def test_every_action_has_a_permission():
     actions = {action for methods in tylserver.TYLRequestHandler.ROUTES.values()
                for action in methods.values()}
-    assert actions <= set(tylserver.TYLRequestHandler.PERMISSIONS)
+    handler = tylserver.TYLRequestHandler
+    assert actions <= set(handler.PERMISSIONS) | set(handler.OPEN_ACTIONS)
+    assert not set(handler.PERMISSIONS) & set(handler.OPEN_ACTIONS)
     assert set(tylserver.TYLRequestHandler.PERMISSIONS.values()) <= set(tylserver.ACCESS_LEVELS)
 
 
@@ -294,6 +296,13 @@ def test_without_credentials_everything_is_401_with_a_basic_challenge(secured):
     assert not os.path.exists(secured.data_path) or os.listdir(secured.data_path) == []
     status, _, data = as_user(secured, 'root', 'GET', '/state')
     assert status == 200 and json.loads(data)['environments'] == []
+
+
+def test_health_is_open_and_names_nothing(secured):
+    for user in (None, 'bob'):
+        assert as_user(secured, user, 'GET', '/health')[::2] == (200, b'ok\n')
+    assert as_user(secured, None, 'POST', '/health', b'{}')[0] == 401
+    assert not os.path.exists(secured.data_path) or os.listdir(secured.data_path) == []
 
 
 def test_an_unknown_user_and_a_wrong_password_get_the_same_401_at_the_same_cost(secured):
