@@ -15,6 +15,7 @@ import argparse
 import base64
 import contextlib
 import fnmatch
+import functools
 import getpass
 import hashlib
 import hmac
@@ -304,12 +305,13 @@ CONFIG_KEYS = {
     'SLACK_NOTIFY_UNLOCK_FORMAT': ('_Who:_ *{Who}*\n_ID:_ {ID}', _check_format),
     'WEBHOOK_URL': (None, _check_optional(_check_url)),
     'WEBHOOK_SECRET': (None, _check_optional(_check_string)),
+    'AUDIT_LOG': (None, _check_optional(_check_string)),
 }
 
 # Keys holding a path, resolved against the directory of the config file.
 PATH_KEYS = ('BACKEND_PLUGINS_PATH', 'SSL_PUBLIC_KEY', 'SSL_PRIVATE_KEY', 'SSL_CLIENT_CA',
              'FILE_DATA_PATH', 'SQLITE_DB_PATH', 'PYSHELVE_DATA_PATH', 'AES_KEY_FILE',
-             'AES_OLD_KEY_FILES', 'GIT_WORKING_PATH', 'POSTGRES_PASSWORD_FILE')
+             'AES_OLD_KEY_FILES', 'GIT_WORKING_PATH', 'POSTGRES_PASSWORD_FILE', 'AUDIT_LOG')
 
 ENVIRONMENT_OVERRIDE = re.compile(r'TYL_([A-Z][A-Z0-9_]*)')
 
@@ -745,7 +747,8 @@ class Environment(object):
             reply = self.write(body, lock_id)
         if reply.status != 200:
             return reply
-        return Reply(200, json.dumps({'restored': version, 'serial': serial}).encode('utf-8'), JSON)
+        restored = {'restored': version, 'serial': serial, 'sha256': hashlib.sha256(body).hexdigest()}
+        return Reply(200, json.dumps(restored).encode('utf-8'), JSON)
 
     def import_state(self, body, who):
         """Store `body` as the state, whatever it replaces."""
@@ -879,6 +882,61 @@ class Environments(object):
     def snapshot(self):
         with self._lock:
             return sorted(self._environments.items())
+
+
+# --------------------------------------------------------------------------
+# The audit log
+# --------------------------------------------------------------------------
+
+class AuditLog(object):
+    """AUDIT_LOG: a JSON line for each request or admin command that would
+    change a state, whatever its answer, so that refusals are on record too.
+
+    The file is opened once, with O_APPEND, and each line leaves in one
+    write() under a lock: lines of threads, or of an admin command beside
+    the server, never interleave, and json.dumps escapes a newline sent in
+    a field.  Lines are not fsynced: a disk flush per lock would slow every
+    Terraform run for a trail that a crash costs only its last lines of.
+    """
+
+    def __init__(self, path):
+        self._lock = threading.Lock()
+        self._fd = None
+        if path is not None:
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as error:
+                raise ConfigError('AUDIT_LOG: cannot open %s: %s' % (path, error.strerror))
+
+    @property
+    def enabled(self):
+        """Whether AUDIT_LOG is set: callers skip preparing a line otherwise."""
+        return self._fd is not None
+
+    def record(self, client, user, environment, action, lock, status, written=(None, None)):
+        """One line: `lock` is the LockInfo concerned (a dict), `written`
+        the (serial, sha256) of a state stored."""
+        if self._fd is None:
+            return
+        serial, sha256 = written
+        line = json.dumps({
+            'time': time.strftime(tylstore.CREATED_FORMAT, time.gmtime()), 'client': client,
+            'user': user, 'env': environment, 'action': action, 'lock_id': lock.get('ID'),
+            'who': lock.get('Who'), 'serial': serial, 'sha256': sha256, 'status': status,
+        }) + '\n'
+        with self._lock:
+            os.write(self._fd, line.encode('utf-8'))
+
+
+def stored_state(body):
+    """(serial, sha256) of a state stored, as AUDIT_LOG records it."""
+    return inspect_state(body).get('serial'), hashlib.sha256(body).hexdigest()
+
+
+def restored_state(reply):
+    """(serial, sha256) of the state a restore stored, from its 200 Reply."""
+    restored = json.loads(reply.body)
+    return restored['serial'], restored['sha256']
 
 
 # --------------------------------------------------------------------------
@@ -1203,6 +1261,10 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
                    'restore_version': 'admin'}
     # Open to anyone: they reveal no environment, for load balancers and probes.
     OPEN_ACTIONS = ('show_health',)
+    # The actions that change a state, as AUDIT_LOG names them; an UNLOCK
+    # with an empty body is a force-unlock.
+    AUDITED_ACTIONS = {'write_state': 'write', 'delete_state': 'delete', 'lock': 'lock',
+                       'unlock': 'unlock', 'restore_version': 'restore'}
 
     # Set per request; these defaults cover requests refused before parsing.
     path = ''
@@ -1244,6 +1306,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         authorize, reply, log it."""
         started = time.monotonic()
         self.environment_name = self.lock_id = self.user = None
+        action, body = None, b''
         with self.server.request_in_flight():
             try:
                 url = urlsplit(self.path)
@@ -1276,6 +1339,8 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
             self.send_reply(reply, headers)
         self.log_access(reply, started)
+        if action in self.AUDITED_ACTIONS and self.server.audit_log.enabled:
+            self.audit(action, body, reply)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_LOCK = do_UNLOCK = dispatch
 
@@ -1529,6 +1594,24 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
                  (time.monotonic() - started) * 1000, _printable(self.lock_id or '-'),
                  _printable(self.user or '-'))
 
+    def audit(self, action, body, reply):
+        """The AUDIT_LOG line of a request to change a state.  The lock is
+        the one the request names: LockInfo for LOCK and UNLOCK, ?ID= else."""
+        name = self.AUDITED_ACTIONS[action]
+        if action == 'unlock' and not body.strip():
+            name, lock = 'force-unlock', {}
+        elif action in ('lock', 'unlock'):
+            lock = tylstore.lock_info(body)
+        else:
+            lock = {'ID': self.lock_id}
+        written = (None, None)
+        if reply.status == 200 and action == 'write_state':
+            written = stored_state(body)
+        elif reply.status == 200 and action == 'restore_version':
+            written = restored_state(reply)
+        self.server.audit_log.record(self.client_address[0], self.user, self.environment_name,
+                                     name, lock, reply.status, written)
+
     def log_request(self, code='-', size='-'):
         """Replaced by `log_access`, which knows the environment and timing."""
 
@@ -1627,6 +1710,7 @@ class TYLServer(http.server.ThreadingHTTPServer):
         self.health_environment = Environment(HEALTH_ENVIRONMENT, plugins)
         self.ssl_context = _ssl_context(constants) if constants.USE_SSL else None
         self.access = Access(constants)
+        self.audit_log = AuditLog(constants.AUDIT_LOG)
         self.connection_slots = threading.BoundedSemaphore(constants.MAX_CONNECTIONS)
         self.waiting_connections = WaitingConnections()
         self.stopping = False
@@ -1794,6 +1878,20 @@ def read_password():
 
 def add_admin_commands(commands):
     env = dict(type=_environment_name, metavar='ENV', help='environment name')
+    command = commands.add_parser('envs', help='list every environment with its lock, serial, '
+                                  'size and last write')
+    command.set_defaults(run=run_envs)
+    command = commands.add_parser('show', help="show an environment's lock and its state's "
+                                  'top-level fields')
+    command.add_argument('env', **env)
+    command.set_defaults(run=run_show)
+    command = commands.add_parser('unlock', help="release an environment's lock",
+                                  description=run_unlock.__doc__.split('\n\n')[0])
+    command.add_argument('env', **env)
+    command.add_argument('--id', dest='lock_id', metavar='ID',
+                         help="the lock's ID: release it as its holder would; without it, "
+                              'force-unlock (see FORCE_UNLOCK)')
+    command.set_defaults(run=run_unlock)
     command = commands.add_parser('history', help="list an environment's versions, newest first")
     command.add_argument('env', **env)
     command.add_argument('--json', action='store_true', help='print the JSON of GET /history')
@@ -1848,6 +1946,30 @@ def _command_user():
     return '%s@%s via tylserver' % (getpass.getuser(), socket.gethostname())
 
 
+def _audited(plugins, env, action, lock, change, stored=None):
+    """The Reply of `change()`, an admin command's change of a state, after
+    its AUDIT_LOG line, its user the one running the command; `stored(reply)`
+    gives the (serial, sha256) of the state a 200 stored.  A refusal is
+    recorded too, and raised."""
+    record = functools.partial(AuditLog(plugins.constants.AUDIT_LOG).record, 'cli',
+                               getpass.getuser(), env, action, lock)
+    try:
+        reply = change()
+    except Refusal as refusal:
+        record(refusal.status)
+        raise
+    record(reply.status, stored(reply) if stored and reply.status == 200 else (None, None))
+    return reply
+
+
+def _print_table(rows):
+    """`rows`, the first the headings, in aligned columns; None shows as '-'."""
+    rows = [['-' if value is None else _printable(str(value)) for value in row] for row in rows]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print('  '.join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+
+
 def run_history(args, plugins):
     versions = Environment(args.env, plugins).versions()
     if args.json:
@@ -1856,15 +1978,74 @@ def run_history(args, plugins):
     rows = [('VERSION', 'SERIAL', 'CREATED', 'SIZE', 'SHA256', 'WHO', 'LOCK ID')]
     rows += [(v['version'], v['serial'], v['created'], v['size'], (v['sha256'] or '')[:12],
               v['who'], v['lock_id']) for v in versions]
-    rows = [['-' if value is None else str(value) for value in row] for row in rows]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        print('  '.join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+    _print_table(rows)
+    return 0
+
+
+def _quiet(plugins):
+    """`plugins` without post-processors: reading tells nobody anything."""
+    return plugins._replace(post_process_classes=[])
+
+
+def run_envs(args, plugins):
+    """A line per environment the backend lists; the serial costs a scan
+    of each state, the last write a look at its history."""
+    backend_class = plugins.backend_class
+    if not backend_class.supports('list_environments'):
+        raise Refusal(405, 'BACKEND_CLASS %s cannot list its environments'
+                      % plugins.constants.BACKEND_CLASS)
+    rows = [('ENV', 'LOCKED BY', 'SINCE', 'SERIAL', 'SIZE', 'LAST WRITE')]
+    for name in backend_class.list_environments(plugins.constants):
+        environment = Environment(name, _quiet(plugins))
+        holder = tylstore.lock_info(environment.lock_holder())
+        state = environment.read().body
+        versions = environment.versions() if environment.keeps_history() else []
+        rows.append((name, holder.get('Who'), holder.get('Created'),
+                     inspect_state(state).get('serial') if state else None,
+                     len(state) if state else None, versions[0]['created'] if versions else None))
+    _print_table(rows)
+    return 0
+
+
+def run_show(args, plugins):
+    environment = Environment(args.env, _quiet(plugins))
+    holder = environment.lock_holder()
+    print('lock: %s' % (lock_bytes(holder).decode('utf-8', 'replace') if holder else 'none'))
+    state = environment.read().body
+    if not state:
+        print('state: none')
+        return 0
+    fields, _ = parse_json_object(state, 'state')
+    for field in ('serial', 'lineage', 'terraform_version'):
+        print('%s: %s' % (field, _printable(str(fields.get(field, '-')))))
+    print('resources: %d' % len(fields.get('resources') or []))
+    return 0
+
+
+def run_unlock(args, plugins):
+    """Release an environment's lock: with --id as its holder would (refused
+    while another lock is held), without it by force, as Terraform's
+    force-unlock, unless FORCE_UNLOCK is false."""
+    environment = Environment(args.env, plugins)
+    if args.lock_id is None:
+        action, lock = 'force-unlock', tylstore.lock_info(environment.lock_holder())
+    else:
+        action, lock = 'unlock', {'ID': args.lock_id, 'Who': _command_user()}
+    body = json.dumps(lock).encode('utf-8') if args.lock_id else b''
+    reply = _audited(plugins, args.env, action, lock, lambda: environment.unlock(body))
+    if reply.status != 200:
+        holder = tylstore.lock_info(reply.body)
+        raise Refusal(reply.status, 'env %s is locked by %s with lock %s, not %s; nothing was changed'
+                      % (args.env, _printable(str(holder.get('Who') or '?'))[:80],
+                         _printable(str(holder.get('ID') or '?'))[:80], _printable(args.lock_id)[:80]))
+    print('env %s is unlocked' % args.env)
     return 0
 
 
 def run_restore(args, plugins):
-    reply = Environment(args.env, plugins).restore(args.version, _command_user())
+    who = _command_user()
+    reply = _audited(plugins, args.env, 'restore', {'Who': who},
+                     lambda: Environment(args.env, plugins).restore(args.version, who), restored_state)
     if reply.status != 200:
         raise Refusal(reply.status, _one_line(reply.body.decode('utf-8', 'replace')))
     print('restored version %s of env %s as serial %d'
@@ -1891,7 +2072,10 @@ def run_import(args, plugins):
     else:
         with open(args.file, 'rb') as stream:
             body = stream.read()
-    reply = Environment(args.env, plugins).import_state(body, _command_user())
+    who = _command_user()
+    reply = _audited(plugins, args.env, 'write', {'Who': who},
+                     lambda: Environment(args.env, plugins).import_state(body, who),
+                     lambda reply: stored_state(body))
     if reply.status != 200:
         raise Refusal(reply.status, _one_line(reply.body.decode('utf-8', 'replace')))
     print('imported %s (%d bytes) into env %s' % (args.file, len(body), args.env))

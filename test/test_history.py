@@ -141,8 +141,9 @@ def test_restore_stores_the_old_bytes_with_the_next_serial(server):
     oldest = history(server)[-1]
     status, _, body = restore(server, oldest['version'])
     assert status == 200, body
-    assert json.loads(body.decode('utf-8')) == {'restored': oldest['version'], 'serial': 4}
     restored = STATES[0].replace(b'"serial": 1', b'"serial": 4')
+    assert json.loads(body.decode('utf-8')) == {'restored': oldest['version'], 'serial': 4,
+                                                'sha256': hashlib.sha256(restored).hexdigest()}
     assert get_state(server, 'app') == restored
     newest = history(server)[0]
     assert (newest['serial'], newest['sha256']) == (4, hashlib.sha256(restored).hexdigest())
