@@ -927,6 +927,16 @@ class AuditLog(object):
         with self._lock:
             os.write(self._fd, line.encode('utf-8'))
 
+    def reopen(self, path):
+        """Open `path` afresh (SIGHUP, after logrotate moved the file); on
+        failure the file already open is kept."""
+        if self._fd is None:
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with self._lock:
+            fd, self._fd = self._fd, fd
+        os.close(fd)
+
 
 def stored_state(body):
     """(serial, sha256) of a state stored, as AUDIT_LOG records it."""
@@ -1252,13 +1262,14 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         '/history': {'GET': 'show_history'},
         '/restore': {'POST': 'restore_version'},
         '/health': {'GET': 'show_health'},
+        '/metrics': {'GET': 'show_metrics'},
     }
     ALL_METHODS = 'GET, POST, PUT, DELETE, LOCK, UNLOCK'
     # The level each action needs (see AUTH_RULES) on the environment it
     # names, or on at least one when it names none, as the status page.
     PERMISSIONS = {'read_state': 'read', 'write_state': 'write', 'lock': 'write', 'unlock': 'write',
                    'delete_state': 'admin', 'show_status': 'admin', 'show_history': 'read',
-                   'restore_version': 'admin'}
+                   'restore_version': 'admin', 'show_metrics': 'admin'}
     # Open to anyone: they reveal no environment, for load balancers and probes.
     OPEN_ACTIONS = ('show_health',)
     # The actions that change a state, as AUDIT_LOG names them; an UNLOCK
@@ -1338,7 +1349,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
             if self.server.stopping:
                 self.close_connection = True
             self.send_reply(reply, headers)
-        self.log_access(reply, started)
+        self.log_access(reply, started, action, body)
         if action in self.AUDITED_ACTIONS and self.server.audit_log.enabled:
             self.audit(action, body, reply)
 
@@ -1414,6 +1425,10 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def show_health(self, body):
         return self.server.health_check()
+
+    def show_metrics(self, body):
+        return Reply(200, self.server.metrics.render(self.server.environments),
+                     Metrics.CONTENT_TYPE)
 
     def show_status(self, body):
         constants = self.server.constants
@@ -1587,11 +1602,15 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_reply(reply)
         self.log_access(reply, time.monotonic())
 
-    def log_access(self, reply, started):
+    def log_access(self, reply, started, action=None, body=b''):
+        """The access log line and the metrics of every reply, in one place."""
+        seconds = time.monotonic() - started
+        self.server.metrics.record(self.command, action, self.environment_name, body,
+                                   reply.status, seconds)
         log.info('%s "%s %s" env=%s status=%d bytes=%d ms=%.1f lock=%s user=%s',
                  self.client_address[0], _printable(str(self.command)), _printable(str(self.path)),
                  self.environment_name or '-', reply.status, len(reply.body),
-                 (time.monotonic() - started) * 1000, _printable(self.lock_id or '-'),
+                 seconds * 1000, _printable(self.lock_id or '-'),
                  _printable(self.user or '-'))
 
     def audit(self, action, body, reply):
@@ -1686,6 +1705,102 @@ class WaitingConnections(object):
 SLOT_HANDOVER_TIMEOUT = 1.0
 
 
+class Metrics(object):
+    """The counters of GET /metrics, in the Prometheus text format 0.0.4.
+
+    `record` is called once per reply (from `log_access`); one lock guards
+    every counter.  No label names an environment: names can be secret,
+    and there may be thousands.  tyl_locks_held counts the environments
+    whose lock was taken, and not since released, through this server
+    process since it started: it is kept from LOCK and UNLOCK replies,
+    since asking the storage for every environment's lock at each scrape
+    would cost a backend read per environment.  A lock taken or released
+    by another server process or by an admin command is not seen.
+    Post-processor errors are counted by the post-processors themselves,
+    often later on a delivery thread, so they are summed at scrape time.
+    """
+
+    CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    METHODS = ('GET', 'POST', 'PUT', 'DELETE', 'LOCK', 'UNLOCK')
+    COUNTERS = (
+        ('tyl_lock_conflicts_total', 'LOCK requests refused with 423: another run holds the lock.'),
+        ('tyl_force_unlocks_total', 'Force-unlocks (UNLOCK with an empty body) answered 200.'),
+        ('tyl_state_writes_total', 'State writes (POST or PUT) stored.'),
+        ('tyl_state_write_bytes_total', 'Bytes of the state writes stored.'),
+        ('tyl_backend_errors_total', 'Requests answered 500: an error inside the storage plugin.'),
+    )
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requests = defaultdict(int)               # (method, status) -> count
+        self._buckets = [0] * (len(self.BUCKETS) + 1)   # per bucket, the last +Inf
+        self._duration_sum = 0.0
+        self._counters = dict.fromkeys([name for name, _ in self.COUNTERS], 0)
+        self._locked = set()                            # environment names, never exported
+
+    def record(self, method, action, environment, body, status, seconds):
+        """Count one reply to `method`, routed to `action` (None when
+        refused before routing), on `environment` (None when it named none)."""
+        method = method if method in self.METHODS else 'other'
+        bucket = next((i for i, bound in enumerate(self.BUCKETS) if seconds <= bound),
+                      len(self.BUCKETS))
+        counts = {
+            'tyl_lock_conflicts_total': action == 'lock' and status == 423,
+            'tyl_force_unlocks_total': action == 'unlock' and status == 200 and not body.strip(),
+            'tyl_state_writes_total': action == 'write_state' and status == 200,
+            'tyl_state_write_bytes_total': len(body) if action == 'write_state' and status == 200 else 0,
+            'tyl_backend_errors_total': status == 500,
+        }
+        with self._lock:
+            self._requests[method, status] += 1
+            self._buckets[bucket] += 1
+            self._duration_sum += seconds
+            for name, count in counts.items():
+                self._counters[name] += int(count)
+            if environment is not None and status == 200:
+                if action == 'lock':
+                    self._locked.add(environment)
+                elif action == 'unlock':
+                    self._locked.discard(environment)
+
+    def render(self, environments):
+        """The exposition text; `environments` (an `Environments`) gives the
+        post-processors of every environment this process has served."""
+        failures = 0
+        for _, environment in environments.snapshot():
+            failures += sum(p._logged_errors_ for p in list(environment.post_processors))
+            failures += sum(f['num_errors_logged'] for f in list(environment.post_processor_failures))
+        with self._lock:
+            requests = sorted(self._requests.items())
+            buckets, duration_sum = list(self._buckets), self._duration_sum
+            counters, locked = dict(self._counters), len(self._locked)
+        lines = ['# HELP tyl_requests_total Requests answered, by method and status.',
+                 '# TYPE tyl_requests_total counter']
+        lines += ['tyl_requests_total{method="%s",status="%d"} %d' % (method, status, count)
+                  for (method, status), count in requests]
+        lines += ['# HELP tyl_request_duration_seconds Time from a request to its reply.',
+                  '# TYPE tyl_request_duration_seconds histogram']
+        total = 0
+        for bound, count in zip(self.BUCKETS + (math.inf,), buckets):
+            total += count
+            le = '+Inf' if bound == math.inf else repr(bound)
+            lines.append('tyl_request_duration_seconds_bucket{le="%s"} %d' % (le, total))
+        lines += ['tyl_request_duration_seconds_sum %r' % duration_sum,
+                  'tyl_request_duration_seconds_count %d' % total,
+                  '# HELP tyl_locks_held Environments locked through this server process '
+                  'and not released since.',
+                  '# TYPE tyl_locks_held gauge', 'tyl_locks_held %d' % locked]
+        for name, text in self.COUNTERS:
+            lines += ['# HELP %s %s' % (name, text), '# TYPE %s counter' % name,
+                      '%s %d' % (name, counters[name])]
+        lines += ['# HELP tyl_post_processor_errors_total Errors counted by the post-processors '
+                  'of the environments this process has served.',
+                  '# TYPE tyl_post_processor_errors_total counter',
+                  'tyl_post_processor_errors_total %d' % failures]
+        return ('\n'.join(lines) + '\n').encode('utf-8')
+
+
 # The environment /health reads the lock of; it is never written.
 HEALTH_ENVIRONMENT = 'tyl-health-check'
 
@@ -1711,9 +1826,12 @@ class TYLServer(http.server.ThreadingHTTPServer):
         self.ssl_context = _ssl_context(constants) if constants.USE_SSL else None
         self.access = Access(constants)
         self.audit_log = AuditLog(constants.AUDIT_LOG)
+        self.metrics = Metrics()
         self.connection_slots = threading.BoundedSemaphore(constants.MAX_CONNECTIONS)
         self.waiting_connections = WaitingConnections()
         self.stopping = False
+        self.config_path = None
+        self.loop_alive = time.monotonic()
         self._in_flight = 0
         self._idle = threading.Condition()
         host = constants.BACKEND_SERVICE_IP
@@ -1783,6 +1901,12 @@ class TYLServer(http.server.ThreadingHTTPServer):
                 self._in_flight -= 1
                 self._idle.notify_all()
 
+    def service_actions(self):
+        """Called by serve_forever at least every poll interval: the
+        heartbeat the systemd watchdog checks."""
+        super().service_actions()
+        self.loop_alive = time.monotonic()
+
     def wait_for_requests(self, timeout):
         """Wait until no request is being answered; False on timeout."""
         with self._idle:
@@ -1834,18 +1958,130 @@ def _warn_if_exposed(server):
                     'in clear text', host)
 
 
-def serve(server, shutdown_timeout=10):
-    """Serve until SIGTERM or SIGINT, then let requests under way finish."""
+# systemd's notify protocol (sd_notify(3)), with the stdlib: one datagram
+# to the AF_UNIX socket NOTIFY_SOCKET names; nothing without it.
+
+def sd_notify(message):
+    """Send `message` to systemd; False when there is no NOTIFY_SOCKET or
+    the send failed (logged: the service manager may then time TYL out)."""
+    address = os.environ.get('NOTIFY_SOCKET')
+    if not address or not hasattr(socket, 'AF_UNIX'):
+        return False
+    if address.startswith('@'):
+        address = '\0' + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode('utf-8'))
+    except OSError as error:
+        log.warning('cannot notify systemd at %s: %s', _printable(address), error)
+        return False
+    return True
+
+
+def _watchdog_interval():
+    """Half of WATCHDOG_USEC in seconds, when systemd asks this process for
+    keep-alive pings; else None."""
+    if os.environ.get('WATCHDOG_PID', str(os.getpid())) != str(os.getpid()):
+        return None
+    try:
+        usec = int(os.environ.get('WATCHDOG_USEC', ''))
+    except ValueError:
+        return None
+    return usec / 2e6 if usec > 0 else None
+
+
+def _watchdog(server, interval, stop):
+    """WATCHDOG=1 every `interval` s while the serve loop turns: a loop stuck
+    longer than the whole watchdog period is left to systemd to restart."""
+    while not stop.wait(interval):
+        if time.monotonic() - server.loop_alive < 2 * interval + 0.5:
+            sd_notify('WATCHDOG=1')
+
+
+# What SIGHUP reloads; every other key needs a restart.
+RELOADABLE_KEYS = ('AUTH_USERS', 'AUTH_GROUPS', 'AUTH_RULES', 'AUTH_ADMINS')
+
+
+def reload_config(server):
+    """SIGHUP: reopen AUDIT_LOG and reload the users and rules from the
+    config file.  A config that does not load keeps the ones in use.  TYL's
+    own log goes to standard error, which needs no reopening."""
+    sd_notify('RELOADING=1\nMONOTONIC_USEC=%d' % int(time.monotonic() * 1e6))
+    try:
+        old = server.constants
+        if server.audit_log.enabled:
+            try:
+                server.audit_log.reopen(old.AUDIT_LOG)
+            except OSError as error:
+                log.error('reload: cannot reopen AUDIT_LOG %s, keeping the file open: %s',
+                          old.AUDIT_LOG, error.strerror)
+        try:
+            new = load_config(server.config_path)
+            settings = {key: getattr(old, key) for key in
+                        ('USE_SSL', 'SSL_CLIENT_CA', 'SSL_CLIENT_CERT_USERS')}
+            settings.update((key, getattr(new, key)) for key in RELOADABLE_KEYS)
+            _check_access(settings)
+            constants = type('C', (old,), settings)
+            access = Access(constants)
+        except (ConfigError, ValueError) as error:
+            log.error('reload failed, keeping the users and rules in use: %s', _one_line(error))
+            return False
+        access.failures = server.access.failures
+        server.constants, server.access = constants, access
+        ignored = [key for key in CONFIG_KEYS if key not in RELOADABLE_KEYS
+                   and getattr(new, key) != getattr(old, key)]
+        log.info('reload: %d users, %d rules%s', len(access.users), len(access.rules),
+                 '; changed but needing a restart: %s' % ', '.join(ignored) if ignored else '')
+        return True
+    finally:
+        sd_notify('READY=1')
+
+
+def serve(server, shutdown_timeout=9):
+    """Serve until SIGTERM or SIGINT, then let requests under way finish:
+    the process ends within `shutdown_timeout` s of the signal, plus one
+    poll interval.  SIGHUP reloads users and rules (see reload_config)."""
+    reloading = threading.Lock()
+    stopped_at = []
+
     def request_stop(signum, frame):
-        log.info('signal %d: stopping', signum)
+        if stopped_at:
+            return
+        stopped_at.append(time.monotonic())
         server.stopping = True
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        threading.Thread(target=stop, args=(signum,), daemon=True).start()
+
+    def stop(signum):
+        log.info('signal %d: stopping', signum)
+        sd_notify('STOPPING=1')
+        server.shutdown()
+
+    def request_reload(signum, frame):
+        threading.Thread(target=reload, daemon=True).start()
+
+    def reload():
+        with reloading:
+            log.info('SIGHUP: reloading users and rules from %s',
+                     server.config_path or DEFAULT_CONFIG_PATH)
+            reload_config(server)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    server.serve_forever(poll_interval=0.2)
+    if hasattr(signal, 'SIGHUP'):
+        signal.signal(signal.SIGHUP, request_reload)
+    interval, watchdog_stop = _watchdog_interval(), threading.Event()
+    if interval:
+        threading.Thread(target=_watchdog, args=(server, interval, watchdog_stop),
+                         daemon=True).start()
+    sd_notify('READY=1\nMAINPID=%d' % os.getpid())
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        watchdog_stop.set()
     server.server_close()
-    if not server.wait_for_requests(shutdown_timeout):
+    left = shutdown_timeout - (time.monotonic() - stopped_at[0]) if stopped_at else shutdown_timeout
+    if not server.wait_for_requests(max(left, 0)):
         log.warning('stopped with requests still under way after %d s', shutdown_timeout)
     log.info('stopped')
 
@@ -1920,6 +2156,110 @@ def add_admin_commands(commands):
     command.add_argument('--config', dest='target_config', metavar='OTHER',
                          help="the target's config file (default: the source's)")
     command.set_defaults(run=run_migrate)
+    command = commands.add_parser(
+        'systemd-unit', help='print a hardened systemd unit for this installation and config',
+        description=run_systemd_unit.__doc__.split('\n\n')[0])
+    command.add_argument('--user', default='tyl', help='the user to run as (default: tyl)')
+    command.add_argument('--group', help='the group to run as (default: the same as --user)')
+    command.set_defaults(run=run_systemd_unit)
+
+
+# Where each built-in backend writes: (key, whether the key names a file,
+# so that its directory must be writable).
+BACKEND_DATA_PATHS = {
+    'file_backend': [('FILE_DATA_PATH', False)],
+    'aes_backend': [('FILE_DATA_PATH', False)],
+    'sqlite_backend': [('SQLITE_DB_PATH', True)],
+    'pyshelve_backend': [('PYSHELVE_DATA_PATH', False)],
+    'git_backend': [('GIT_WORKING_PATH', False)],
+    'postgres_backend': [],
+}
+HOME_DIRECTORIES = ('/home/', '/root/', '/run/user/')
+
+
+def _unit_word(text, exec_line=False):
+    """`text` as one word of a unit file line: % (and $ on Exec lines)
+    escaped, quoted when it holds blanks, quotes or backslashes."""
+    text = text.replace('%', '%%')
+    if exec_line:
+        text = text.replace('$', '$$')
+    if re.search(r'[\s"\'\\]', text):
+        text = '"%s"' % text.replace('\\', '\\\\').replace('"', '\\"')
+    return text
+
+
+def run_systemd_unit(args, plugins):
+    """Print a hardened systemd unit that runs this tylserver.py, with this
+    Python and this config file, as a notify service: it reports ready, pings
+    the watchdog, reloads users and rules on `systemctl reload`, and may
+    write only to the directories its config stores data in.
+
+    Save it as /etc/systemd/system/tyl.service, then run
+    `systemctl daemon-reload && systemctl enable --now tyl`."""
+    constants = plugins.constants
+    config = os.path.abspath(args.config or DEFAULT_CONFIG_PATH)
+    module = constants.BACKEND_CLASS.rpartition('.')[0]
+    notes, writable = [], []
+    for key, is_file in BACKEND_DATA_PATHS.get(module, []):
+        path = getattr(constants, key)
+        writable.append(os.path.dirname(path) if is_file else path)
+    if module not in BACKEND_DATA_PATHS:
+        notes.append('# BACKEND_CLASS %s: add the directories it writes to ReadWritePaths.'
+                     % constants.BACKEND_CLASS)
+    if constants.AUDIT_LOG:
+        writable.append(os.path.dirname(constants.AUDIT_LOG))
+    writable = list(OrderedDict.fromkeys(os.path.normpath(path) for path in writable))
+    program = [os.path.abspath(sys.executable), os.path.abspath(__file__), '--config', config]
+    in_home = any((path + '/').startswith(HOME_DIRECTORIES) for path in program + writable)
+    lines = [
+        '# Made by `tylserver.py systemd-unit` for %s.' % config,
+        '# Create the ReadWritePaths directories, owned by %s, before starting.' % args.user,
+    ] + notes + [
+        '[Unit]',
+        'Description=TYL Terraform state server',
+        'Wants=network-online.target',
+        'After=network-online.target',
+        '',
+        '[Service]',
+        'Type=notify',
+        'NotifyAccess=main',
+        'ExecStart=' + ' '.join(_unit_word(word, exec_line=True) for word in program),
+        'ExecReload=/bin/kill -HUP $MAINPID',
+        'Restart=on-failure',
+        'RestartSec=2',
+        'WatchdogSec=30',
+        'TimeoutStopSec=15',
+        'User=' + args.user,
+        'Group=' + (args.group or args.user),
+        'UMask=0077',
+        'NoNewPrivileges=true',
+        'PrivateTmp=true',
+        'PrivateDevices=true',
+        'ProtectSystem=strict',
+        'ProtectHome=%s' % ('read-only' if in_home else 'true'),
+        'ProtectKernelTunables=true',
+        'ProtectKernelModules=true',
+        'ProtectKernelLogs=true',
+        'ProtectControlGroups=true',
+        'ProtectClock=true',
+        'ProtectHostname=true',
+        'RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX',
+        'RestrictNamespaces=true',
+        'RestrictRealtime=true',
+        'RestrictSUIDSGID=true',
+        'LockPersonality=true',
+        'SystemCallArchitectures=native',
+    ]
+    if writable:
+        lines.append('ReadWritePaths=' + ' '.join(_unit_word(path) for path in writable))
+    if 0 < constants.BACKEND_SERVICE_PORT < 1024:
+        lines += ['AmbientCapabilities=CAP_NET_BIND_SERVICE',
+                  'CapabilityBoundingSet=CAP_NET_BIND_SERVICE']
+    else:
+        lines.append('CapabilityBoundingSet=')
+    lines += ['', '[Install]', 'WantedBy=multi-user.target']
+    print('\n'.join(lines))
+    return 0
 
 
 def run_admin_command(args, plugins):
@@ -2174,6 +2514,7 @@ def main(argv=None):
     print('TYL %s listening on %s with %s' % (__version__, server.url, constants.BACKEND_CLASS),
           file=sys.stderr, flush=True)
     _warn_if_exposed(server)
+    server.config_path = args.config
     serve(server)
     return 0
 

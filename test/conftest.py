@@ -26,6 +26,8 @@ class TYLProcess(object):
 
     def __init__(self, workdir, **config):
         self.workdir = str(workdir)
+        # Extra environment variables for the process (e.g. NOTIFY_SOCKET).
+        self.env = {}
         self.config = {
             'BACKEND_SERVICE_IP': '127.0.0.1',
             'BACKEND_SERVICE_PORT': 0,
@@ -60,7 +62,8 @@ class TYLProcess(object):
         with open(self.log_path, 'ab') as log:
             self.process = subprocess.Popen(
                 [sys.executable, TYLSERVER, '--config', self.config_path],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=dict(os.environ, **self.env) if self.env else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = LISTENING.search(self.log()[log_offset:])
