@@ -170,7 +170,9 @@ def test_sigterm_lets_a_slow_write_finish_and_exits_within_10_s(tyl_factory, not
     connection.putheader('Content-Length', str(len(state)))
     connection.endheaders()
     connection.send(state[:half])
-    time.sleep(0.5)                     # the request is being answered
+    # The handler thread must have parsed the headers before SIGTERM, or the
+    # request is not yet under way; on a loaded machine that can take a while.
+    time.sleep(2)
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     notify.wait_for('STOPPING=1')
