@@ -15,8 +15,8 @@ import pytest
 
 import postgres_cluster
 from test_terraform import (  # noqa: F401 (tf and tf_env are fixtures)
-    HOLDING, RUN_TIMEOUT, assert_lock_free, assert_locked_by, backend, lock_body, null_resource,
-    raw_lock, raw_unlock, stored, tf, tf_env, v4_resources, wait_for)
+    HOLDING, RUN_TIMEOUT, assert_lock_free, assert_locked_by, backend, finish_lock_race, lock_body,
+    null_resource, raw_lock, raw_unlock, stored, tf, tf_env, v4_resources, wait_for)
 
 # Seconds within which a request must get its 503 while the database is down.
 FAST_503 = 5
@@ -176,16 +176,7 @@ def test_two_applies_through_two_servers_one_wins(servers, tf, tmp_path):
     holder = holder_through(servers[loser], env)
     assert holder_through(servers[winner], env) == holder
 
-    wait_for(lambda: processes[loser].poll() is not None or HOLDING in works[loser].output(),
-             RUN_TIMEOUT, 'the losing apply to finish')
-    release.write_text('go')
-    loser_code, loser_text = works[loser].finish(processes[loser])
-    winner_code, winner_text = works[winner].finish(processes[winner])
-
-    assert winner_code == 0, winner_text
-    assert 'Apply complete! Resources: 1 added' in winner_text
-    assert loser_code == 1, loser_text
-    assert_locked_by(loser_text, holder)
+    finish_lock_race(works, processes, winner, release, holder)
     for server in servers:
         _, state = stored(server, env)
         assert v4_resources(state) == [('null_resource', 'a', 1)]

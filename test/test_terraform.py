@@ -306,6 +306,23 @@ def test_init_apply_destroy(tyl_server, tf):
     assert_lock_free(tyl_server, env)
 
 
+def finish_lock_race(works, processes, winner, release, holder):
+    """End two racing applies: the winner applied, the loser failed naming
+    `holder`.  The winner is released once the loser is done (or, were the
+    lock broken, once the loser is holding too: then both succeed and the
+    asserts say so)."""
+    loser = 1 - winner
+    wait_for(lambda: processes[loser].poll() is not None or HOLDING in works[loser].output(),
+             RUN_TIMEOUT, 'the losing apply to finish')
+    release.write_text('go')
+    loser_code, loser_text = works[loser].finish(processes[loser])
+    winner_code, winner_text = works[winner].finish(processes[winner])
+    assert winner_code == 0, winner_text
+    assert 'Apply complete! Resources: 1 added' in winner_text
+    assert loser_code == 1, loser_text
+    assert_locked_by(loser_text, holder)
+
+
 def test_concurrent_applies_one_wins(tyl_server, tf, tmp_path):
     env = 'race'
     release = tmp_path / 'release'
@@ -320,7 +337,6 @@ def test_concurrent_applies_one_wins(tyl_server, tf, tmp_path):
     wait_for(lambda: any(HOLDING in w.output() for w in works), RUN_TIMEOUT,
              'an apply to reach its provisioner')
     winner = [i for i, w in enumerate(works) if HOLDING in w.output()][0]
-    loser = 1 - winner
     # The holder's ID is readable only through a lock conflict.
     _, probe = lock_body(who='probe@test')
     status, answer = raw_lock(tyl_server, env, probe)
@@ -328,18 +344,7 @@ def test_concurrent_applies_one_wins(tyl_server, tf, tmp_path):
     holder = json.loads(answer.decode())['ID']
     assert holder and holder != json.loads(probe.decode())['ID']
 
-    # Release the winner once the loser is done (or, were the lock broken,
-    # once the loser is holding too: then both succeed and the asserts say so).
-    wait_for(lambda: processes[loser].poll() is not None or HOLDING in works[loser].output(),
-             RUN_TIMEOUT, 'the losing apply to finish')
-    release.write_text('go')
-    loser_code, loser_text = works[loser].finish(processes[loser])
-    winner_code, winner_text = works[winner].finish(processes[winner])
-
-    assert winner_code == 0, winner_text
-    assert 'Apply complete! Resources: 1 added' in winner_text
-    assert loser_code == 1, loser_text
-    assert_locked_by(loser_text, holder)
+    finish_lock_race(works, processes, winner, release, holder)
     _, state = stored(tyl_server, env)
     assert v4_resources(state) == [('null_resource', 'a', 1)]
     assert_lock_free(tyl_server, env)
