@@ -7,18 +7,20 @@ its own backend instance, a subclass of `tylstore.TYLPersistent` loaded
 from `BACKEND_CLASS`; the embedded default stores files on disk.
 
 The file reads top to bottom: configuration, plugin loading, environments
-and the protocol rules, authentication, the HTTP handler, the server, the
-command line.
+and the protocol rules, authentication, the dashboard's pages, the HTTP
+handler, the server, the command line.
 """
 
 import argparse
 import base64
 import contextlib
+import datetime
 import fnmatch
 import functools
 import getpass
 import hashlib
 import hmac
+import html
 import http.server
 import importlib
 import ipaddress
@@ -36,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, defaultdict, namedtuple
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import yaml
 
@@ -252,6 +254,7 @@ CONFIG_KEYS = {
     'BACKEND_CLASS': ('file_backend.FileBackend', _check_class_name),
     'POST_PROCESS_CLASSES': ([], _check_list_of(_check_class_name)),
     'LOG_LEVEL': ('INFO', _check_log_level),
+    'LOG_FILE': (None, _check_optional(_check_string)),
     'USE_SSL': (False, _check_bool),
     'SSL_PUBLIC_KEY': ('ssl/public.key', _check_string),
     'SSL_PRIVATE_KEY': ('ssl/private.key', _check_string),
@@ -311,7 +314,8 @@ CONFIG_KEYS = {
 # Keys holding a path, resolved against the directory of the config file.
 PATH_KEYS = ('BACKEND_PLUGINS_PATH', 'SSL_PUBLIC_KEY', 'SSL_PRIVATE_KEY', 'SSL_CLIENT_CA',
              'FILE_DATA_PATH', 'SQLITE_DB_PATH', 'PYSHELVE_DATA_PATH', 'AES_KEY_FILE',
-             'AES_OLD_KEY_FILES', 'GIT_WORKING_PATH', 'POSTGRES_PASSWORD_FILE', 'AUDIT_LOG')
+             'AES_OLD_KEY_FILES', 'GIT_WORKING_PATH', 'POSTGRES_PASSWORD_FILE', 'AUDIT_LOG',
+             'LOG_FILE')
 
 ENVIRONMENT_OVERRIDE = re.compile(r'TYL_([A-Z][A-Z0-9_]*)')
 
@@ -345,7 +349,7 @@ def load_config(path=None, environ=None):
     _check_access(settings)
     for key in PATH_KEYS:
         settings[key] = _resolve_path(base, settings[key])
-    settings['CONFIG_DIR'] = base
+    settings['CONFIG_DIR'], settings['CONFIG_FILE'] = base, path and os.path.abspath(path)
     return type('C', (tylstore.C,), settings)
 
 
@@ -418,7 +422,8 @@ def _load_class(key, dotted_name, base):
 # Environments and the protocol rules
 # --------------------------------------------------------------------------
 
-Reply = namedtuple('Reply', 'status body content_type')
+# content_md5: the Content-MD5 header of a reply that sends a state.
+Reply = namedtuple('Reply', 'status body content_type content_md5', defaults=(None,))
 JSON = 'application/json'
 TEXT = 'text/plain; charset=utf-8'
 
@@ -500,14 +505,43 @@ def inspect_state(body):
     return {key: value for key, value in found if isinstance(value, (str, int, float))}
 
 
-def _version_metadata(body, top, holder):
+# A body from this size up is hashed on a second thread while the first
+# checks its JSON (see checked_state).
+HASH_ASIDE_FROM = 256 * 1024
+
+
+def checked_state(body):
+    """(inspect_state(body), its digests: {'sha256': hex, 'md5': base64}).
+
+    A large body is hashed on a second thread while this one checks it:
+    hashlib lets go of the GIL and the JSON decoder does not, so on two
+    cores the hashing takes no time of its own.
+    """
+    digests = {}
+    if len(body) < HASH_ASIDE_FROM:
+        _hash(body, digests)
+        return inspect_state(body), digests
+    hasher = threading.Thread(target=_hash, args=(body, digests), daemon=True)
+    hasher.start()
+    try:
+        return inspect_state(body), digests
+    finally:
+        hasher.join()
+
+
+def _hash(body, digests):
+    digests['sha256'] = hashlib.sha256(body).hexdigest()
+    digests['md5'] = _content_md5(body)
+
+
+def _version_metadata(body, top, holder, sha256=None):
     """What a backend keeping history records of an accepted write."""
     holder = tylstore.lock_info(holder)
     return {
         'serial': top.get('serial'),
         'lineage': top.get('lineage'),
         'size': len(body),
-        'sha256': hashlib.sha256(body).hexdigest(),
+        'sha256': sha256 or hashlib.sha256(body).hexdigest(),
         'created': time.strftime(tylstore.CREATED_FORMAT, time.gmtime()),
         'lock_id': holder.get('ID'),
         'who': holder.get('Who'),
@@ -562,6 +596,34 @@ def parse_lock_info(body):
     return info, text
 
 
+# A state file up to this size is read and sent in one write with the
+# headers; a larger one is sent from the file (see StateFile).
+READ_WHOLE_UP_TO = 1024 * 1024
+
+
+class StateFile(object):
+    """A reply body sent from an open file by socket.sendfile: no memory
+    holds it whole, and on a plain connection no copy passes through
+    Python.  The file is closed once sent."""
+
+    def __init__(self, stream, size):
+        self.stream = stream
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def send(self, connection):
+        with self.stream:
+            connection.sendfile(self.stream, count=self.size)
+
+
+def _file_identity(found):
+    """What names a file's content, from its os.stat, when files are
+    replaced whole and never rewritten in place."""
+    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns
+
+
 class Environment(object):
     """One environment: its backend, its post-processors, and its mutex.
 
@@ -579,6 +641,9 @@ class Environment(object):
         self._backend = None
         self.post_processors = []
         self.post_processor_failures = []
+        self.state_in_file = plugins.backend_class.supports('open_tfstate')
+        # (the state file's identity, its Content-MD5): see read_to_send.
+        self._file_md5 = (None, None)
 
     @property
     def backend(self):
@@ -628,9 +693,54 @@ class Environment(object):
             state = json.dumps(state, indent=2).encode('utf-8')
         return Reply(200, state, JSON)
 
+    def read_to_send(self):
+        """The state as GET answers it, with its Content-MD5.
+
+        When the backend keeps the state in a file (open_tfstate), the
+        mutex is held only to open it, so readers do not queue behind one
+        another; a large state is sent from the file, never held whole in
+        memory; and the MD5 is computed once per file, or kept from the
+        write that stored it.
+        """
+        if not self.state_in_file:
+            reply = self.read()
+            return reply._replace(content_md5=_content_md5(reply.body)) if reply.body else reply
+        with self.mutex:
+            stream = self.backend.open_tfstate()
+        if stream is None:
+            return Reply(204, b'', None)
+        try:
+            found = os.fstat(stream.fileno())
+            if not found.st_size:
+                stream.close()
+                return Reply(204, b'', None)
+            md5 = self._md5_of_file(stream, found)
+            if found.st_size > READ_WHOLE_UP_TO:
+                return Reply(200, StateFile(stream, found.st_size), JSON, md5)
+            with stream:
+                return Reply(200, stream.read(), JSON, md5)
+        except BaseException:
+            stream.close()
+            raise
+
+    def _md5_of_file(self, stream, found):
+        """The Content-MD5 of the open state file `stream`, whose os.fstat is
+        `found`; a file is never rewritten in place, so its identity names
+        its content."""
+        identity = _file_identity(found)
+        known, md5 = self._file_md5
+        if known != identity:
+            digest = hashlib.md5()
+            for chunk in iter(lambda: stream.read(1024 * 1024), b''):
+                digest.update(chunk)
+            stream.seek(0)
+            md5 = base64.b64encode(digest.digest()).decode('ascii')
+            self._file_md5 = (identity, md5)
+        return md5
+
     def write(self, body, lock_id):
         """Store a state; `lock_id` is the request's `?ID=`, or None."""
-        top = inspect_state(body)
+        top, digests = checked_state(body)
         with self.mutex:
             holder = self.backend.get_lock_state()
             if holder and lock_id != tylstore.lock_id(holder):
@@ -638,8 +748,18 @@ class Environment(object):
             if not holder and lock_id is not None:
                 return text_reply(409, 'lock %s is not held: the lock was released or '
                                        'force-unlocked; nothing was stored' % _printable(lock_id))
-            self._store(body, _version_metadata(body, top, holder), holder)
+            self._store(body, _version_metadata(body, top, holder, digests['sha256']), holder)
+            if self.state_in_file:
+                self._remember_md5(digests['md5'])
         return Reply(200, b'', None)
+
+    def _remember_md5(self, md5):
+        """Keep the Content-MD5 of the state file just stored (call under
+        `mutex`), so that the next GET does not read the file to hash it."""
+        stream = self.backend.open_tfstate()
+        if stream is not None:
+            with stream:
+                self._file_md5 = (_file_identity(os.fstat(stream.fileno())), md5)
 
     def _store(self, body, metadata, holder):
         """Hand an accepted state to the backend, then to the post-processors
@@ -736,7 +856,7 @@ class Environment(object):
             state = self.backend.get_version(version)
         if state is None:
             raise Refusal(404, 'env %s has no version %s' % (self.name, _printable(version)[:80]))
-        return Reply(200, state, JSON)
+        return Reply(200, state, JSON, _content_md5(state))
 
     def restore(self, version, who):
         """Store version `version` again as a new version, its top-level
@@ -885,7 +1005,7 @@ class Environments(object):
 
 
 # --------------------------------------------------------------------------
-# The audit log
+# The audit log and the log file
 # --------------------------------------------------------------------------
 
 class AuditLog(object):
@@ -947,6 +1067,28 @@ def restored_state(reply):
     """(serial, sha256) of the state a restore stored, from its 200 Reply."""
     restored = json.loads(reply.body)
     return restored['serial'], restored['sha256']
+
+
+class LogFile(logging.StreamHandler):
+    """LOG_FILE: TYL's own log, appended to a file created 0600, since its
+    lines name users, clients and environments.  SIGHUP reopens it, so that
+    logrotate can move the file away without copytruncate's lost lines."""
+
+    def __init__(self, path):
+        try:
+            super().__init__(self._open(path))
+        except OSError as error:
+            raise ConfigError('LOG_FILE: cannot open %s: %s' % (path, error.strerror))
+
+    @staticmethod
+    def _open(path):
+        return open(path, 'a', encoding='utf-8',
+                    opener=lambda name, flags: os.open(name, flags, 0o600))
+
+    def reopen(self, path):
+        """Open `path` afresh (SIGHUP, after logrotate moved the file); on
+        failure the file already open is kept."""
+        self.setStream(self._open(path)).close()
 
 
 # --------------------------------------------------------------------------
@@ -1221,6 +1363,329 @@ class Access(object):
 
 
 # --------------------------------------------------------------------------
+# The dashboard
+# --------------------------------------------------------------------------
+
+# GET /ui lists the environments, GET /ui/env?env=NAME shows one, and
+# POST /ui/force-unlock?env=NAME is the one form that changes anything.
+# The pages are made here whole: no script, nothing loaded from elsewhere,
+# so they work air-gapped.  Every value put in a page is escaped (see
+# Markup): a lock's fields and a state's contents come from clients.
+
+HTML = 'text/html; charset=utf-8'
+# Sent with every dashboard reply: never cached nor framed, no script and
+# nothing from elsewhere, forms posted only back here.
+DASHBOARD_HEADERS = (
+    ('Cache-Control', 'no-store'),
+    ('Content-Security-Policy', "default-src 'none'; style-src 'unsafe-inline'; "
+                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ('X-Frame-Options', 'DENY'),
+    ('Referrer-Policy', 'no-referrer'),
+    ('X-Content-Type-Options', 'nosniff'),
+)
+DASHBOARD_CSS = ('body{font:14px/1.45 sans-serif;margin:1.5em;color:#1d1d1f}'
+                 'h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em}h3{font-size:1em}'
+                 'table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.25em .6em;'
+                 'text-align:left;vertical-align:top}th{background:#f2f2f2}'
+                 'td{font-family:monospace;overflow-wrap:anywhere}.error{color:#a00}'
+                 'form{margin:.8em 0}button{padding:.3em .9em}')
+OVERVIEW_HEADINGS = ('Environment', 'Locked by', 'Operation', 'Lock ID', 'Locked', 'Serial',
+                     'Lineage', 'Size', 'Last write', 'Resources')
+# Terraform's LockInfo fields, shown first and in this order.
+LOCK_FIELDS = ('ID', 'Operation', 'Info', 'Who', 'Version', 'Created', 'Path')
+# RFC 3339, as a lock's Created: Terraform writes up to nine fractional
+# digits, more than datetime.fromisoformat reads.
+RFC3339 = re.compile(r'(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.\d+)?([Zz]|[+-]\d\d:\d\d)')
+
+
+class Dashboard(object):
+    """What the dashboard keeps from one request to the next: the secret
+    its form tokens are made with, new at each start, and the resource
+    count of each environment's state as last shown."""
+
+    def __init__(self):
+        self._key = os.urandom(32)
+        self._lock = threading.Lock()
+        self._counts = {}   # environment name -> ((size, serial, lineage), count)
+
+    def form_token(self, user, environment, action):
+        """The CSRF token of a form.  A browser sends the user's Basic
+        credentials with any request to this server, even one that another
+        site makes it send, so a form must also carry what only a page of
+        this server shows.  The token is an HMAC of (user, environment,
+        action): one shown to a user for a form serves no other."""
+        message = json.dumps([user, environment, action]).encode('utf-8')
+        return hmac.new(self._key, message, 'sha256').hexdigest()
+
+    def resource_count(self, name, state, top):
+        """The number of resource instances in `state` (bytes; `top` its
+        top-level fields), counted again only when its (size, serial,
+        lineage) changed: a page reloaded every few seconds does not parse
+        an unchanged 50 MB state each time."""
+        key = (len(state), top.get('serial'), top.get('lineage'))
+        with self._lock:
+            cached = self._counts.get(name)
+        if cached is None or cached[0] != key:
+            parsed, _ = parse_json_object(state, 'state')
+            cached = (key, sum(1 for _ in resource_instances(parsed)))
+            with self._lock:
+                self._counts[name] = cached
+        return cached[1]
+
+
+def resource_instances(state):
+    """Yield (address, attributes) for each resource instance of `state`,
+    a parsed state.  Version 4 lists resources[].instances, addressed as
+    Terraform does from module, mode, type, name and index key
+    (module.a.data.t.n["k"]); version 3 lists modules[].resources, keyed
+    within their module path."""
+    for resource in state.get('resources') or []:
+        parts = [resource.get('module'), 'data' if resource.get('mode') == 'data' else None,
+                 resource.get('type'), resource.get('name')]
+        address = '.'.join(str(part) for part in parts if part)
+        for instance in resource.get('instances') or []:
+            key = instance.get('index_key')
+            index = '' if key is None else '[%s]' % json.dumps(key, ensure_ascii=False)
+            yield address + index, instance.get('attributes', instance.get('attributes_flat'))
+    for module in state.get('modules') or []:
+        prefix = ''.join('module.%s.' % name for name in (module.get('path') or [])[1:])
+        for key, resource in (module.get('resources') or {}).items():
+            yield prefix + key, (resource.get('primary') or {}).get('attributes')
+
+
+def resource_diff(old, new):
+    """(added, removed, changed) from the parsed state `old` to `new`: the
+    sorted addresses of the resource instances only `new` has, only `old`
+    has, and both have with other attributes."""
+    before, after = dict(resource_instances(old)), dict(resource_instances(new))
+    return (sorted(after.keys() - before.keys()), sorted(before.keys() - after.keys()),
+            sorted(address for address in after.keys() & before.keys()
+                   if after[address] != before[address]))
+
+
+def dashboard_environment_names(server):
+    """The environments the dashboard lists: those the backend has stored,
+    when it can list them, and those served since start, less the one the
+    health check reads."""
+    plugins = server.environments.plugins
+    names = {name for name, _ in server.environments.snapshot()}
+    if plugins.backend_class.supports('list_environments'):
+        names.update(plugins.backend_class.list_environments(plugins.constants))
+    names.discard(HEALTH_ENVIRONMENT)
+    return sorted(name for name in names if tylstore.ENVIRONMENT_NAME.fullmatch(name))
+
+
+class Markup(str):
+    """HTML made here, from escaped values, put in a page as it is; any
+    other value is escaped first (see `_html`)."""
+
+
+def _html(value):
+    """`value` as HTML: Markup as it is, anything else escaped; None is a dash."""
+    if isinstance(value, Markup):
+        return value
+    return html.escape('\u2014' if value is None else str(value))
+
+
+def _markup(template, *values):
+    """`template` with each of `values` put in as `_html` gives it."""
+    return Markup(template % tuple(_html(value) for value in values))
+
+
+def _join(*parts):
+    return Markup(''.join(_html(part) for part in parts))
+
+
+def _page(title, *parts):
+    """A whole HTML document, as bytes."""
+    return _markup('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>%s</title>'
+                   '<style>%s</style></head><body>%s</body></html>\n',
+                   title, Markup(DASHBOARD_CSS), _join(*parts)).encode('utf-8')
+
+
+def _table(headings, rows):
+    """A table of `rows` under `headings`; a row shorter than the headings
+    has its last cell span the rest, as an error in place of the values."""
+    parts = [Markup('<table><tr>')] + [_markup('<th>%s</th>', heading) for heading in headings]
+    for row in rows:
+        span = len(headings) - len(row) + 1
+        parts += [Markup('</tr><tr>')] + [_markup('<td>%s</td>', cell) for cell in row[:-1]]
+        parts.append(_markup('<td colspan="%s">%s</td>', span, row[-1]) if span > 1
+                     else _markup('<td>%s</td>', row[-1]))
+    return _join(*parts, Markup('</tr></table>'))
+
+
+def _environment_link(name):
+    return _markup('<a href="/ui/env?%s">%s</a>', urlencode({'env': name}), name)
+
+
+def _age(created):
+    """How long ago `created`, a lock's Created, was, as '3 min ago'; '?'
+    when it is not an RFC 3339 time."""
+    found = RFC3339.fullmatch(created) if isinstance(created, str) else None
+    if not found:
+        return '?'
+    try:
+        when = datetime.datetime(*[int(part) for part in found.groups()[:6]],
+                                 tzinfo=datetime.timezone.utc)
+    except ValueError:  # as month 13, or a leap second
+        return '?'
+    zone = found.group(7)
+    if zone.upper() != 'Z':
+        offset = datetime.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+        when = when - offset if zone[0] == '+' else when + offset
+    seconds = max(0, int(time.time() - when.timestamp()))
+    if seconds >= 2 * 86400:
+        return '%d days ago' % (seconds // 86400)
+    if seconds >= 3600:
+        return '%d h ago' % (seconds // 3600)
+    if seconds >= 60:
+        return '%d min ago' % (seconds // 60)
+    return '%d s ago' % seconds
+
+
+def _human_size(size):
+    """A size in bytes as people read it: 812 B, 1.5 KB, 42.0 MB; None stays None."""
+    if size is None:
+        return None
+    if size < 1024:
+        return '%d B' % size
+    for unit in ('KB', 'MB', 'GB'):
+        size /= 1024.0
+        if size < 1024 or unit == 'GB':
+            return '%.1f %s' % (size, unit)
+
+
+def _lock_cells(held):
+    """Who, Operation, ID and age of the lock `held`: dashes when none is
+    held, '?' for what the lock does not say."""
+    if not held:
+        return [None] * 4
+    lock = tylstore.lock_info(held)
+    return [lock.get('Who', '?'), lock.get('Operation', '?'), lock.get('ID', '?'),
+            _age(lock.get('Created'))]
+
+
+def _environment_cells(server, environment):
+    """An overview row, less the name: the lock, then the state's serial,
+    lineage, size, last write (from the history) and resource count."""
+    held = environment.lock_holder()
+    state = environment.read().body
+    top = inspect_state(state) if state else {}
+    versions = environment.versions() if environment.keeps_history() else []
+    return _lock_cells(held) + [
+        top.get('serial'), top.get('lineage'), _human_size(len(state)) if state else None,
+        versions[0]['created'] if versions else None,
+        server.dashboard.resource_count(environment.name, state, top) if state else None]
+
+
+def _overview_row(server, name):
+    """One environment's row; a failing backend shows its error there, so
+    that one broken environment does not hide the others."""
+    try:
+        return [_environment_link(name)] + _environment_cells(server, server.environments[name])
+    except Exception as error:
+        reason = '%s: %s' % (type(error).__name__, _one_line(error))
+        log.warning('dashboard: env %s: %s', name, _printable(reason))
+        return [_environment_link(name), _markup('<span class="error">%s</span>', reason)]
+
+
+def render_dashboard(server, names):
+    """GET /ui: a row for each environment of `names`."""
+    rows = [_overview_row(server, name) for name in names]
+    return _page('TYL environments', Markup('<h1>Environments</h1>'),
+                 _table(OVERVIEW_HEADINGS, rows) if rows else Markup('<p>No environment yet.</p>'))
+
+
+def _lock_details(held):
+    """Every field of the lock `held`, Terraform's first, and its age."""
+    if not held:
+        return Markup('<p>Not locked.</p>')
+    lock = tylstore.lock_info(held)
+    if not lock:    # not a JSON object: shown as stored
+        return _markup('<pre>%s</pre>', lock_bytes(held).decode('utf-8', 'replace'))
+    fields = list(LOCK_FIELDS) + [field for field in lock if field not in LOCK_FIELDS]
+    rows = [(field, lock.get(field)) for field in fields] + [('Locked', _age(lock.get('Created')))]
+    return _table(('Field', 'Value'), rows)
+
+
+def _force_unlock_form(name, token):
+    return _markup('<form method="post" action="/ui/force-unlock?%s">'
+                   '<input type="hidden" name="csrf_token" value="%s">'
+                   '<button type="submit">Force-unlock</button> releases this lock, whoever '
+                   'holds it, as <code>terraform force-unlock</code> does.</form>',
+                   urlencode({'env': name}), token)
+
+
+def _history_table(versions):
+    if not versions:
+        return Markup('<p>No version kept yet.</p>')
+    return _table(('Version', 'Serial', 'Created', 'Who', 'Lock ID', 'Size', 'SHA-256'),
+                  [(v['version'], v['serial'], v['created'], v['who'], v['lock_id'],
+                    _human_size(v['size']), v['sha256'] and v['sha256'][:12]) for v in versions])
+
+
+def _version_select(field, versions, chosen):
+    options = [_markup('<option value="%s"%s>%s</option>', v['version'],
+                       Markup(' selected') if v['version'] == chosen else '',
+                       '%s: serial %s, %s' % (v['version'], v['serial'], v['created']))
+               for v in versions]
+    return _join(_markup('<select name="%s">', field), *options, Markup('</select>'))
+
+
+def _resource_list(kind, addresses):
+    """One list of a comparison, in <section id="added"> (or removed, changed)."""
+    items = [_markup('<li>%s</li>', address) for address in addresses]
+    return _join(_markup('<section id="%s"><h3>%s: %s</h3>', kind, kind.capitalize(), len(addresses)),
+                 _join(Markup('<ul>'), *items, Markup('</ul>')) if items else Markup('<p>None.</p>'),
+                 Markup('</section>'))
+
+
+def _version_state(environment, version):
+    return parse_json_object(environment.read_version(version).body, 'version %s' % version)[0]
+
+
+def _comparison(environment, versions, chosen):
+    """The form choosing two versions, `chosen` ((from, to), None for the
+    default: the two newest), and the resource instances added, removed
+    and changed from the first to the second."""
+    if len(versions) < 2:
+        return Markup('<p>A comparison needs two versions.</p>')
+    old = versions[1]['version'] if chosen[0] is None else chosen[0]
+    new = versions[0]['version'] if chosen[1] is None else chosen[1]
+    form = _join(_markup('<form method="get" action="/ui/env"><input type="hidden" name="env" '
+                         'value="%s"><label>From ', environment.name),
+                 _version_select('from', versions, old), Markup('</label> <label>to '),
+                 _version_select('to', versions, new),
+                 Markup('</label> <button type="submit">Compare</button></form>'))
+    added, removed, changed = resource_diff(_version_state(environment, old),
+                                            _version_state(environment, new))
+    return _join(form, _resource_list('added', added), _resource_list('removed', removed),
+                 _resource_list('changed', changed))
+
+
+def render_environment_page(server, environment, token, chosen):
+    """GET /ui/env: one environment's overview row, its lock, with the
+    force-unlock form when `token` (the form's) is given, its versions,
+    and the resources that changed between the two versions `chosen`."""
+    held = environment.lock_holder()
+    parts = [Markup('<p><a href="/ui">All environments</a></p>'),
+             _markup('<h1>%s</h1>', environment.name),
+             _table(OVERVIEW_HEADINGS[1:], [_environment_cells(server, environment)]),
+             Markup('<h2>Lock</h2>'), _lock_details(held)]
+    if held and token:
+        parts.append(_force_unlock_form(environment.name, token))
+    parts.append(Markup('<h2>History</h2>'))
+    if environment.keeps_history():
+        versions = environment.versions()
+        parts += [_history_table(versions), Markup('<h2>Changes</h2>'),
+                  _comparison(environment, versions, chosen)]
+    else:
+        parts.append(_markup('<p>%s keeps no history.</p>', environment.plugins.backend_class.__name__))
+    return _page('TYL: ' + environment.name, *parts)
+
+
+# --------------------------------------------------------------------------
 # The HTTP handler
 # --------------------------------------------------------------------------
 
@@ -1263,19 +1728,26 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         '/restore': {'POST': 'restore_version'},
         '/health': {'GET': 'show_health'},
         '/metrics': {'GET': 'show_metrics'},
+        '/ui': {'GET': 'show_dashboard'},
+        '/ui/env': {'GET': 'show_dashboard_environment'},
+        '/ui/force-unlock': {'POST': 'force_unlock_from_dashboard'},
     }
     ALL_METHODS = 'GET, POST, PUT, DELETE, LOCK, UNLOCK'
     # The level each action needs (see AUTH_RULES) on the environment it
     # names, or on at least one when it names none, as the status page.
     PERMISSIONS = {'read_state': 'read', 'write_state': 'write', 'lock': 'write', 'unlock': 'write',
                    'delete_state': 'admin', 'show_status': 'admin', 'show_history': 'read',
-                   'restore_version': 'admin', 'show_metrics': 'admin'}
+                   'restore_version': 'admin', 'show_metrics': 'admin', 'show_dashboard': 'read',
+                   'show_dashboard_environment': 'read', 'force_unlock_from_dashboard': 'admin'}
     # Open to anyone: they reveal no environment, for load balancers and probes.
     OPEN_ACTIONS = ('show_health',)
     # The actions that change a state, as AUDIT_LOG names them; an UNLOCK
     # with an empty body is a force-unlock.
     AUDITED_ACTIONS = {'write_state': 'write', 'delete_state': 'delete', 'lock': 'lock',
-                       'unlock': 'unlock', 'restore_version': 'restore'}
+                       'unlock': 'unlock', 'restore_version': 'restore',
+                       'force_unlock_from_dashboard': 'force-unlock'}
+    # The actions whose replies get DASHBOARD_HEADERS.
+    DASHBOARD_ACTIONS = ('show_dashboard', 'show_dashboard_environment', 'force_unlock_from_dashboard')
 
     # Set per request; these defaults cover requests refused before parsing.
     path = ''
@@ -1331,9 +1803,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
                 if action not in self.OPEN_ACTIONS:
                     self.authorize(action, body)
                 reply = getattr(self, action)(body)
-                headers = []
-                if action == 'read_state' and reply.status == 200:
-                    headers.append(('Content-MD5', _content_md5(reply.body)))
+                headers = [('Content-MD5', reply.content_md5)] if reply.content_md5 else []
             except Refusal as refusal:
                 reply, headers = text_reply(refusal.status, refusal.reason), refusal.headers
                 self.close_connection = self.close_connection or refusal.close
@@ -1346,6 +1816,8 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
                 log.exception('backend error on %s %s', self.command, _printable(self.path))
                 reply, headers = text_reply(500, '%s: %s' % (type(error).__name__, _one_line(error))), []
                 self.close_connection = True
+            if action in self.DASHBOARD_ACTIONS:
+                headers = list(headers) + self.dashboard_headers(reply)
             if self.server.stopping:
                 self.close_connection = True
             self.send_reply(reply, headers)
@@ -1395,7 +1867,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         version = self.query_value('version')
         if version is not None:
             return self.environment().read_version(version)
-        return self.environment().read()
+        return self.environment().read_to_send()
 
     def write_state(self, body):
         self.lock_id = self.query_value('ID')
@@ -1439,6 +1911,59 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
                              if self.server.access.allows(self.user, 'read', name)],
         }
         return Reply(200, json.dumps(status, indent=2).encode('utf-8'), JSON)
+
+    # -- the dashboard --------------------------------------------------------
+
+    def show_dashboard(self, body):
+        names = [name for name in dashboard_environment_names(self.server)
+                 if self.server.access.allows(self.user, 'read', name)]
+        return Reply(200, render_dashboard(self.server, names), HTML)
+
+    def show_dashboard_environment(self, body):
+        environment = self.environment()
+        token = None
+        if self.server.constants.FORCE_UNLOCK and \
+                self.server.access.allows(self.user, 'admin', environment.name):
+            token = self.server.dashboard.form_token(self.user, environment.name, 'force-unlock')
+        chosen = (self.query_value('from'), self.query_value('to'))
+        return Reply(200, render_environment_page(self.server, environment, token, chosen), HTML)
+
+    def force_unlock_from_dashboard(self, body):
+        """The page's force-unlock form: Terraform's force-unlock, once the
+        form is shown to come from that page (see check_form)."""
+        self.lock_id = 'force'
+        environment = self.environment()
+        self.check_form(body, 'force-unlock')
+        environment.force_unlock()
+        return Reply(303, b'', None)
+
+    def check_form(self, body, form_action):
+        """403 for a form that another site may have made the browser send:
+        from another Origin, a cross-site fetch, or without the token that
+        the environment's page gave this user for `form_action`.
+
+        The pages' `Referrer-Policy: no-referrer` makes a browser send
+        `Origin: null` with their own forms (the Fetch standard), so null
+        proves nothing either way; Sec-Fetch-Site and the token still do."""
+        origin, host = self.headers.get('Origin'), self.headers.get('Host', '').lower()
+        if origin not in (None, 'null') and (not host or origin.lower() not in ('http://' + host,
+                                                                                 'https://' + host)):
+            raise Refusal(403, 'the form was sent from another origin; nothing was changed')
+        if self.headers.get('Sec-Fetch-Site', '').strip().lower() == 'cross-site':
+            raise Refusal(403, 'the form was sent from another site; nothing was changed')
+        token = self.parse_query(body.decode('ascii', 'replace')).get('csrf_token', [''])[0]
+        expected = self.server.dashboard.form_token(self.user, self.environment_name, form_action)
+        if not hmac.compare_digest(token.encode('utf-8'), expected.encode('ascii')):
+            raise Refusal(403, 'missing or wrong csrf_token: reload the page and try again; '
+                               'nothing was changed')
+
+    def dashboard_headers(self, reply):
+        """DASHBOARD_HEADERS, and for a form's 303 the environment's page
+        to go back to."""
+        headers = list(DASHBOARD_HEADERS)
+        if reply.status == 303:
+            headers.append(('Location', '/ui/env?' + urlencode({'env': self.environment_name})))
+        return headers
 
     # -- request parsing ----------------------------------------------------
 
@@ -1592,7 +2117,25 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header('Connection', 'close')
         self.end_headers()
-        self.wfile.write(reply.body)
+        if isinstance(reply.body, StateFile):
+            self.wfile.flush()
+            reply.body.send(self.connection)
+        else:
+            self.wfile.write(reply.body)
+
+    _date = (None, None)
+
+    def date_time_string(self, timestamp=None):
+        """http.server's Date header, formatted once a second: formatting it
+        costs more than the rest of a small reply's headers."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        second = int(time.time())
+        formatted_second, text = TYLRequestHandler._date
+        if formatted_second != second:
+            text = super().date_time_string(second)
+            TYLRequestHandler._date = (second, text)
+        return text
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server itself (bad request line, headers too
@@ -1615,9 +2158,10 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def audit(self, action, body, reply):
         """The AUDIT_LOG line of a request to change a state.  The lock is
-        the one the request names: LockInfo for LOCK and UNLOCK, ?ID= else."""
+        the one the request names: LockInfo for LOCK and UNLOCK, ?ID= else,
+        none for a force-unlock (Terraform's, or the dashboard's form)."""
         name = self.AUDITED_ACTIONS[action]
-        if action == 'unlock' and not body.strip():
+        if name == 'force-unlock' or action == 'unlock' and not body.strip():
             name, lock = 'force-unlock', {}
         elif action in ('lock', 'unlock'):
             lock = tylstore.lock_info(body)
@@ -1725,7 +2269,8 @@ class Metrics(object):
     METHODS = ('GET', 'POST', 'PUT', 'DELETE', 'LOCK', 'UNLOCK')
     COUNTERS = (
         ('tyl_lock_conflicts_total', 'LOCK requests refused with 423: another run holds the lock.'),
-        ('tyl_force_unlocks_total', 'Force-unlocks (UNLOCK with an empty body) answered 200.'),
+        ('tyl_force_unlocks_total', "Force-unlocks (UNLOCK with an empty body, or the dashboard's "
+                                    'form) that succeeded.'),
         ('tyl_state_writes_total', 'State writes (POST or PUT) stored.'),
         ('tyl_state_write_bytes_total', 'Bytes of the state writes stored.'),
         ('tyl_backend_errors_total', 'Requests answered 500: an error inside the storage plugin.'),
@@ -1745,9 +2290,12 @@ class Metrics(object):
         method = method if method in self.METHODS else 'other'
         bucket = next((i for i, bound in enumerate(self.BUCKETS) if seconds <= bound),
                       len(self.BUCKETS))
+        forced = (action == 'unlock' and status == 200 and not body.strip()
+                  or action == 'force_unlock_from_dashboard' and status == 303)
+        released = forced or action == 'unlock' and status == 200
         counts = {
             'tyl_lock_conflicts_total': action == 'lock' and status == 423,
-            'tyl_force_unlocks_total': action == 'unlock' and status == 200 and not body.strip(),
+            'tyl_force_unlocks_total': forced,
             'tyl_state_writes_total': action == 'write_state' and status == 200,
             'tyl_state_write_bytes_total': len(body) if action == 'write_state' and status == 200 else 0,
             'tyl_backend_errors_total': status == 500,
@@ -1758,11 +2306,10 @@ class Metrics(object):
             self._duration_sum += seconds
             for name, count in counts.items():
                 self._counters[name] += int(count)
-            if environment is not None and status == 200:
-                if action == 'lock':
-                    self._locked.add(environment)
-                elif action == 'unlock':
-                    self._locked.discard(environment)
+            if environment is not None and action == 'lock' and status == 200:
+                self._locked.add(environment)
+            elif environment is not None and released:
+                self._locked.discard(environment)
 
     def render(self, environments):
         """The exposition text; `environments` (an `Environments`) gives the
@@ -1827,10 +2374,12 @@ class TYLServer(http.server.ThreadingHTTPServer):
         self.access = Access(constants)
         self.audit_log = AuditLog(constants.AUDIT_LOG)
         self.metrics = Metrics()
+        self.dashboard = Dashboard()
         self.connection_slots = threading.BoundedSemaphore(constants.MAX_CONNECTIONS)
         self.waiting_connections = WaitingConnections()
         self.stopping = False
         self.config_path = None
+        self.log_file = None
         self.loop_alive = time.monotonic()
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -2004,18 +2553,20 @@ RELOADABLE_KEYS = ('AUTH_USERS', 'AUTH_GROUPS', 'AUTH_RULES', 'AUTH_ADMINS')
 
 
 def reload_config(server):
-    """SIGHUP: reopen AUDIT_LOG and reload the users and rules from the
-    config file.  A config that does not load keeps the ones in use.  TYL's
-    own log goes to standard error, which needs no reopening."""
+    """SIGHUP: reopen LOG_FILE and AUDIT_LOG, and reload the users and
+    rules from the config file.  A config that does not load keeps the ones
+    in use."""
     sd_notify('RELOADING=1\nMONOTONIC_USEC=%d' % int(time.monotonic() * 1e6))
     try:
         old = server.constants
-        if server.audit_log.enabled:
-            try:
-                server.audit_log.reopen(old.AUDIT_LOG)
-            except OSError as error:
-                log.error('reload: cannot reopen AUDIT_LOG %s, keeping the file open: %s',
-                          old.AUDIT_LOG, error.strerror)
+        for key, opened in (('LOG_FILE', server.log_file), ('AUDIT_LOG', server.audit_log)):
+            path = getattr(old, key)
+            if opened is not None and path is not None:
+                try:
+                    opened.reopen(path)
+                except OSError as error:
+                    log.error('reload: cannot reopen %s %s, keeping the file open: %s',
+                              key, path, error.strerror)
         try:
             new = load_config(server.config_path)
             settings = {key: getattr(old, key) for key in
@@ -2039,9 +2590,10 @@ def reload_config(server):
 
 
 def serve(server, shutdown_timeout=9):
-    """Serve until SIGTERM or SIGINT, then let requests under way finish:
-    the process ends within `shutdown_timeout` s of the signal, plus one
-    poll interval.  SIGHUP reloads users and rules (see reload_config)."""
+    """Serve until SIGTERM or SIGINT, then let requests under way finish and
+    the notifications queued be delivered: the process ends within
+    `shutdown_timeout` s of the signal, plus one poll interval.  SIGHUP
+    reopens the log files and reloads users and rules (see reload_config)."""
     reloading = threading.Lock()
     stopped_at = []
 
@@ -2080,9 +2632,13 @@ def serve(server, shutdown_timeout=9):
     finally:
         watchdog_stop.set()
     server.server_close()
-    left = shutdown_timeout - (time.monotonic() - stopped_at[0]) if stopped_at else shutdown_timeout
-    if not server.wait_for_requests(max(left, 0)):
+    deadline = (stopped_at[0] if stopped_at else time.monotonic()) + shutdown_timeout
+    if not server.wait_for_requests(max(deadline - time.monotonic(), 0)):
         log.warning('stopped with requests still under way after %d s', shutdown_timeout)
+    undelivered = tylstore.DeliveryQueue.drain_all(deadline)
+    if undelivered:
+        log.warning('stopped with %d notification(s) undelivered after %d s',
+                    undelivered, shutdown_timeout)
     log.info('stopped')
 
 
@@ -2206,8 +2762,7 @@ def run_systemd_unit(args, plugins):
     if module not in BACKEND_DATA_PATHS:
         notes.append('# BACKEND_CLASS %s: add the directories it writes to ReadWritePaths.'
                      % constants.BACKEND_CLASS)
-    if constants.AUDIT_LOG:
-        writable.append(os.path.dirname(constants.AUDIT_LOG))
+    writable += [os.path.dirname(path) for path in (constants.AUDIT_LOG, constants.LOG_FILE) if path]
     writable = list(OrderedDict.fromkeys(os.path.normpath(path) for path in writable))
     program = [os.path.abspath(sys.executable), os.path.abspath(__file__), '--config', config]
     in_home = any((path + '/').startswith(HOME_DIRECTORIES) for path in program + writable)
@@ -2492,13 +3047,17 @@ def main(argv=None):
         return 0
     try:
         constants = load_config(args.config)
-        logging.basicConfig(level=constants.LOG_LEVEL, stream=sys.stderr,
+        serving = not (args.check_config or args.run)
+        log_file = LogFile(constants.LOG_FILE) if serving and constants.LOG_FILE else None
+        logging.basicConfig(level=constants.LOG_LEVEL, handlers=[log_file or logging.StreamHandler()],
                             format='%(asctime)s %(levelname)s %(message)s')
         plugins = load_plugins(constants)
         if args.check_config:
-            print('config OK: backend %s, post-processors [%s], listening address %s:%d'
+            print('config OK: backend %s, post-processors [%s], listening address %s:%d, %s'
                   % (constants.BACKEND_CLASS, ', '.join(constants.POST_PROCESS_CLASSES),
-                     constants.BACKEND_SERVICE_IP, constants.BACKEND_SERVICE_PORT))
+                     constants.BACKEND_SERVICE_IP, constants.BACKEND_SERVICE_PORT,
+                     'config file ' + constants.CONFIG_FILE if constants.CONFIG_FILE
+                     else 'no config file: the defaults, paths relative to ' + constants.CONFIG_DIR))
             return 0
         if args.run:
             return run_admin_command(args, plugins)
@@ -2514,7 +3073,7 @@ def main(argv=None):
     print('TYL %s listening on %s with %s' % (__version__, server.url, constants.BACKEND_CLASS),
           file=sys.stderr, flush=True)
     _warn_if_exposed(server)
-    server.config_path = args.config
+    server.config_path, server.log_file = args.config, log_file
     serve(server)
     return 0
 

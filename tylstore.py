@@ -161,6 +161,14 @@ class TYLPersistent(abc.ABC):
         override this answers DELETE with 405."""
         raise NotImplementedError('%s cannot delete state' % type(self).__name__)
 
+    def open_tfstate(self):
+        """Optional: the stored state as a binary file open for reading, or
+        None when there is none, for a backend whose state is a file holding
+        exactly the bytes received and replaced whole, never rewritten in
+        place.  The server then sends it from the file, without reading a
+        large state into memory, and computes its Content-MD5 once per file."""
+        raise NotImplementedError('%s keeps no state file' % type(self).__name__)
+
     # History: a backend that overrides list_versions and get_version keeps
     # every state it stores as a version, with the `metadata` store_tfstate
     # received, within constants.HISTORY_KEEP (the newest so many; 0 keeps
@@ -296,8 +304,8 @@ class DeliveryQueue(object):
       stretch a try, and a name lookup is not covered).
     - Counted: a post dropped, or failed after its tries, is an error of the
       post-processor that sent it (`log_error`), shown in GET /state.
-
-    Posts still queued when the process exits are lost.
+    - Drained: on SIGTERM the server lets every queue deliver until its
+      shutdown deadline (`drain_all`); posts left after it are lost.
     """
 
     _shared = {}
@@ -311,6 +319,7 @@ class DeliveryQueue(object):
         self.retry_delay = retry_delay
         self.counts = {'delivered': 0, 'failed': 0, 'dropped': 0}
         self._pending = collections.deque()
+        self._delivering = False
         self._changed = threading.Condition()
         threading.Thread(target=self._deliver_forever, name='delivery ' + name, daemon=True).start()
 
@@ -324,6 +333,14 @@ class DeliveryQueue(object):
                                         constants.NOTIFY_TIMEOUT, constants.NOTIFY_RETRY_DELAY)
             return cls._shared[name]
 
+    @classmethod
+    def drain_all(cls, deadline):
+        """`drain` every shared queue, all by the same `deadline`; the number
+        of posts left undelivered in them."""
+        with cls._shared_lock:
+            queues = list(cls._shared.values())
+        return sum(queue.drain(deadline) for queue in queues)
+
     def post(self, sender, url, body, headers):
         """Queue a POST of `body` (bytes) to `url` and return at once;
         `sender` (a TYLNonpersistent) is told of its failure."""
@@ -335,7 +352,7 @@ class DeliveryQueue(object):
                 dropped = self._pending.popleft()[0]
                 self.counts['dropped'] += 1
             self._pending.append((sender, request))
-            self._changed.notify()
+            self._changed.notify_all()
         if dropped is not None:
             self._fail(dropped, 'dropped: the %s queue of %d was full' % (self.name, self.size))
 
@@ -344,14 +361,26 @@ class DeliveryQueue(object):
         with self._changed:
             return dict(self.counts, queued=len(self._pending))
 
+    def drain(self, deadline):
+        """Wait until every post queued has been delivered or given up on, or
+        until `deadline` (a time.monotonic() value), so that an exit loses
+        none that a working receiver could take; the number left."""
+        with self._changed:
+            self._changed.wait_for(lambda: not (self._pending or self._delivering),
+                                   max(deadline - time.monotonic(), 0))
+            return len(self._pending) + int(self._delivering)
+
     def _deliver_forever(self):
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._pending)
                 sender, request = self._pending.popleft()
+                self._delivering = True
             error = self._deliver(request)
             with self._changed:
                 self.counts['failed' if error else 'delivered'] += 1
+                self._delivering = False
+                self._changed.notify_all()
             if error:
                 self._fail(sender, 'delivery failed ' + error)
 

@@ -49,6 +49,7 @@ except ImportError as error:
                       "python3 -m pip install cryptography") from error
 
 from file_backend import FileBackend
+from tylstore import TYLPersistent
 
 MAGIC = b'TYLAES\x00\x01'
 KEY_BYTES = 32
@@ -65,6 +66,9 @@ class DecryptionError(Exception):
 
 
 class AESBackend(FileBackend):
+    # The state file holds ciphertext: states are read through _load.
+    open_tfstate = TYLPersistent.open_tfstate
+
     def __init__(self, environment, constants, **kwargs):
         super().__init__(environment, constants, **kwargs)
         current, old = _configured_keys(constants)

@@ -18,22 +18,30 @@ hard-linked into history/ and then renamed over terraform.tfstate, so the
 newest version and the state are one inode.  A version is its .json and
 its .tfstate together; the .json is created first, exclusively, which
 claims the number.  The versions beyond HISTORY_KEEP, and those older than
-HISTORY_KEEP_DAYS but the newest, are unlinked in the same write.  Then
-history/ and the environment's directory are fsynced, in one journal
-commit on the usual file systems, so a write costs one small fsynced file
-(the metadata) and one directory fsync more than without history.  A crash
-may at worst leave the state in place without its version, or a removed
-version back, never a torn one.  Deleting the state keeps its history, so
-a deleted state can be restored.
+HISTORY_KEEP_DAYS but the newest, are unlinked in the same write.  Deleting
+the state keeps its history, so a deleted state can be restored.
+
+A durable change costs one journal commit, two for a state write, because
+the fsyncs come in this order: every name is created, linked, renamed or
+unlinked first, then one file is fsynced (which commits all those, on the
+journaling file systems), then the directories are fsynced, as POSIX
+requires, and find nothing left to commit.  A state's bytes are fsynced
+before any name points at them, so a crash never leaves a torn state; it
+can leave an empty file under a name just created (a lock, a version's
+.json) when the crash came before that change was acknowledged.  Such a
+file counts as absent: an empty lock.json is no lock, and is removed by the
+next LOCK once it is old enough not to be a lock being written; a version
+whose .json is empty is not listed.
 """
 
 import json
 import os
 import re
+import time
 import uuid
 
-from tylstore import (ENVIRONMENT_NAME, TYLPersistent, create_file_durably, fsync_path,
-                      history_cutoff, lock_id, write_file_durably, write_temporary_file)
+from tylstore import (ENVIRONMENT_NAME, TYLPersistent, fsync_path, history_cutoff, lock_id,
+                      write_file_durably, write_temporary_file)
 
 # A version's number as it names its files: no sign, no leading zero, so
 # one number has one name.
@@ -42,6 +50,10 @@ VERSION_METADATA = re.compile(r'([1-9][0-9]{0,17})\.json')
 
 # Numbers tried after the next one is found taken by another process.
 CLAIM_ATTEMPTS = 100
+
+# Seconds after which an empty lock.json is what a crash left of a LOCK,
+# never answered, rather than a lock whose bytes are being written.
+EMPTY_LOCK_AGE = 10
 
 
 class FileBackend(TYLPersistent):
@@ -55,6 +67,8 @@ class FileBackend(TYLPersistent):
         self.lock_path = os.path.join(self.directory, 'lock.json')
         self.history = os.path.join(self.directory, 'history')
         self.constants = constants
+        # The newest version this instance stored (see _known_versions).
+        self._newest = None
 
     def _in_directory(self, write, path, data):
         """Run `write(path, data)`, creating the environment's directories
@@ -85,30 +99,55 @@ class FileBackend(TYLPersistent):
         return _read(path)
 
     def set_locked(self, state_obj, **kwargs):
-        return self._in_directory(create_file_durably, self.lock_path,
-                                  self._dump('lock', kwargs['raw_bytes']))
+        data = self._dump('lock', kwargs['raw_bytes'])
+        created = self._in_directory(_create_new, self.lock_path, data)
+        if created is None and self._remove_empty_lock():
+            created = _create_new(self.lock_path, data)
+        if created is None:
+            return False
+        with created:
+            os.fsync(created.fileno())
+        fsync_path(self.directory)
+        return True
 
     def set_unlocked(self, state_obj, **kwargs):
-        """Remove the lock; with an ID in `state_obj`, only that holder's.
-
-        The lock file is renamed to a name of our own before it is removed,
-        so a lock that another process takes meanwhile is never the one
-        removed; it is put back if it changed hands since it was read.
-        """
+        """Remove the lock; with an ID in `state_obj`, only that holder's."""
         wanted = state_obj.get('ID')
         if wanted and lock_id(self._load('lock', self.lock_path)) != wanted:
             return False
-        claimed = '%s.%s.releasing' % (self.lock_path, uuid.uuid4().hex)
+        return self._remove_if(
+            self.lock_path, lambda path: not wanted or lock_id(self._load('lock', path)) == wanted)
+
+    def _remove_empty_lock(self):
+        """Remove lock.json if it is empty and old: see the module's docstring."""
         try:
-            os.rename(self.lock_path, claimed)
+            found = os.stat(self.lock_path)
+        except FileNotFoundError:
+            return True
+        if found.st_size or time.time() - found.st_mtime < EMPTY_LOCK_AGE:
+            return False
+        return self._remove_if(self.lock_path, lambda path: not os.path.getsize(path))
+
+    def _remove_if(self, path, wanted):
+        """Remove the file `path` if `wanted(moved)` says so of the file,
+        moved first to the path `moved`; return whether it was removed.
+
+        The file is renamed to a name of our own before it is checked, so
+        a file that another process puts at `path` meanwhile is never the
+        one removed; it is put back if it changed since it was last seen.
+        """
+        claimed = '%s.%s.releasing' % (path, uuid.uuid4().hex)
+        try:
+            os.rename(path, claimed)
         except FileNotFoundError:
             return False
-        if wanted and lock_id(self._load('lock', claimed)) != wanted:
-            try:
-                os.link(claimed, self.lock_path)
-            except FileExistsError:
-                pass
-            os.unlink(claimed)
+        doomed = False
+        try:
+            doomed = wanted(claimed)
+        finally:
+            if not doomed:
+                _put_back(claimed, path)
+        if not doomed:
             return False
         os.unlink(claimed)
         fsync_path(self.directory)
@@ -123,27 +162,40 @@ class FileBackend(TYLPersistent):
             self._in_directory(write_file_durably, self.state_path, data)
             return
         written = self._in_directory(write_temporary_file, self.directory, data)
-        claimed = self._claimed(self._history_names())
+        known = self._known_versions()
+        first = max(known, default=0) + 1
+        description = None
         try:
-            number = self._add_version(written, kwargs['metadata'], max(claimed, default=0) + 1)
+            number, description = self._add_version(written, kwargs['metadata'], first)
             os.replace(written, self.state_path)
         except BaseException:
+            if description is not None:
+                description.close()
             os.unlink(written)
             raise
-        self._prune(claimed + [number])
-        # One journal commit makes the links, the rename and the removals
-        # durable: the second fsync finds nothing left to do.
+        if number != first:  # another process wrote meanwhile
+            known = [claimed for claimed in self._claimed(self._history_names()) if claimed < number]
+        with description:
+            self._prune(known + [number])
+            os.fsync(description.fileno())
         fsync_path(self.history)
         fsync_path(self.directory)
+        self._newest = number
 
     def get_tfstate(self):
         return self._load('state', self.state_path)
+
+    def open_tfstate(self):
+        try:
+            return open(self.state_path, 'rb')
+        except FileNotFoundError:
+            return None
 
     def list_versions(self):
         versions = []
         for number in reversed(self._versions()):
             metadata = self._load('version', self._version_path(number, '.json'))
-            if metadata:  # else pruned meanwhile by another process
+            if metadata:  # else pruned meanwhile, or left empty by a crash
                 versions.append(dict(json.loads(metadata), version=str(number)))
         return versions
 
@@ -193,25 +245,46 @@ class FileBackend(TYLPersistent):
         return sorted(int(found.group(1)) for found in map(VERSION_METADATA.fullmatch, names)
                       if found)
 
+    def _known_versions(self):
+        """The numbers of the versions in history/, ascending: listed, or
+        taken to be the HISTORY_KEEP up to the newest this instance stored
+        while that one's .json is still there (then no process can have
+        pruned past it, nor claimed the number above it, without the
+        exclusive create in _add_version failing, which lists again).  A
+        listing costs more than the rest of the write with hundreds of
+        versions; the numbers taken are only ever unlinked, if they exist.
+        """
+        newest, keep = self._newest, self.constants.HISTORY_KEEP
+        if newest and not history_cutoff(self.constants) and \
+                os.path.exists(self._version_path(newest, '.json')):
+            return list(range(max(newest - keep + 1, 1), newest + 1))
+        return self._claimed(self._history_names())
+
     def _versions(self):
         """The numbers of the complete versions, ascending."""
         names = self._history_names()
         return [number for number in self._claimed(names) if '%d.tfstate' % number in names]
 
     def _add_version(self, state_file, metadata, first):
-        """Link `state_file` into history/ as version `first`, or the next
-        number free, beside its metadata; return its number.
+        """Link `state_file` into history/ as version `first`, or above the
+        newest there when another process took it, beside its metadata; return its number and the
+        metadata file, open and not yet fsynced.
 
         The metadata file is created exclusively, which claims the number:
-        two processes writing at once take different numbers.  It is
-        fsynced before the .tfstate is linked, so a complete version never
-        has a torn .json.
+        two processes writing at once take different numbers.
         """
         description = self._dump('version', json.dumps(metadata).encode('utf-8'))
-        for number in range(first, first + CLAIM_ATTEMPTS):
-            if self._in_directory(_create_new, self._version_path(number, '.json'), description):
-                os.link(state_file, self._version_path(number, '.tfstate'))
-                return number
+        number = first
+        for _ in range(CLAIM_ATTEMPTS):
+            created = self._in_directory(_create_new, self._version_path(number, '.json'), description)
+            if created is not None:
+                try:
+                    os.link(state_file, self._version_path(number, '.tfstate'))
+                except BaseException:
+                    created.close()
+                    raise
+                return number, created
+            number = max(self._claimed(self._history_names()) + [number]) + 1
         raise RuntimeError('no free version number in %s after %d attempts'
                            % (self.history, CLAIM_ATTEMPTS))
 
@@ -244,21 +317,30 @@ class FileBackend(TYLPersistent):
 
 
 def _create_new(path, data):
-    """Create the file `path` holding `data`, fsynced; False when it exists.
-
-    Unlike tylstore.create_file_durably the name appears before the
-    content: for a version's metadata, which counts only once the version's
-    .tfstate is linked beside it.
-    """
+    """Create the file `path` holding `data`; return it open, not yet
+    fsynced, or None when `path` exists."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return False
-    with os.fdopen(fd, 'wb') as stream:
+        return None
+    stream = os.fdopen(fd, 'wb')
+    try:
         stream.write(data)
         stream.flush()
-        os.fsync(stream.fileno())
-    return True
+    except BaseException:
+        stream.close()
+        raise
+    return stream
+
+
+def _put_back(moved, path):
+    """Move the file `moved` back to `path`, unless another file has taken
+    that name meanwhile: the newer one stays."""
+    try:
+        os.link(moved, path)
+    except FileExistsError:
+        pass
+    os.unlink(moved)
 
 
 def _read(path):

@@ -212,6 +212,7 @@ def test_a_tampered_byte_is_a_clear_error(aes, offset):
         instance.get_lock_state()
     with undecryptable(aes.path('env', 'lock.json')):
         unlock(instance, SECRET_LOCK)
+    assert os.path.exists(aes.path('env', 'lock.json'))  # still held: nothing moved
 
 
 @pytest.mark.parametrize('cut', [1, HEADER_BYTES + 15])

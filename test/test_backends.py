@@ -631,6 +631,22 @@ def test_history_keeps_the_newest_history_keep_versions(store):
 
 
 @each_backend('keeps_history')
+def test_two_instances_writing_in_turn_keep_one_ordered_history(store):
+    """Each instance's next version is above the other's newest, even when
+    the other wrote and pruned past everything the first one knew."""
+    kept = Store(store.backend, os.path.join(store.workdir, 'turns'), HISTORY_KEEP=3)
+    first, second = kept.new(), kept.new()
+    bodies = distinct_states(12)
+    for writer, count in ((first, 2), (second, 5), (first, 1), (second, 1), (first, 3)):
+        for _ in range(count):
+            store_state(writer, bodies.pop(0))
+    expected = distinct_states(12)[:-4:-1]
+    for instance in (first, second):
+        assert stored_versions(instance) == expected
+        assert_stored(instance, instance.get_tfstate(), expected[0])
+
+
+@each_backend('keeps_history')
 def test_history_drops_versions_older_than_history_keep_days_but_the_newest(store):
     aged = Store(store.backend, os.path.join(store.workdir, 'days'), HISTORY_KEEP_DAYS=2)
     instance = aged.new()
@@ -691,3 +707,25 @@ def test_environments_are_listed_where_supported(store):
     store_state(store.new('c..d.lock'), SMALL_STATE)
     store.new('never-written').get_tfstate()
     assert store.cls.list_environments(store.constants) == ['a.env', 'b-env', 'c..d.lock']
+
+
+# -- what a crash can leave of the file stores' writes ----------------------------
+
+@pytest.mark.parametrize('store', [pytest.param(backend, id=backend.name) for backend in BACKENDS
+                                   if backend.name in ('file', 'aes')], indirect=True)
+def test_an_empty_lock_file_left_by_a_crash_is_no_lock(store):
+    """A crash between creating lock.json and its fsync can leave it empty.
+    That LOCK was never answered, so the file holds no lock; once old, it
+    gives way to the next LOCK, but not while it may be a lock being
+    written."""
+    instance = store.new()
+    store_state(instance, SMALL_STATE)
+    path = os.path.join(store.storage, 'env', 'lock.json')
+    open(path, 'wb').close()
+    assert instance.get_lock_state() == ''
+    assert not lock(instance, L1)
+    a_minute_ago = time.time() - 60
+    os.utime(path, (a_minute_ago, a_minute_ago))
+    assert lock(instance, L1)
+    assert_stored(instance, instance.get_lock_state(), L1)
+    assert not lock(store.new(), L2)

@@ -64,6 +64,7 @@ def test_version():
     ('FILE_DATA_PATH', ''),
     ('HISTORY_KEEP', -1),
     ('HISTORY_KEEP_DAYS', 'a week'),
+    ('LOG_FILE', 'no-such-directory/tyl.log'),
 ])
 def test_a_bad_value_stops_start_up_with_one_line_naming_the_key(tmp_path, key, value):
     result = run_tylserver('--config', write_config(tmp_path, **{key: value}))

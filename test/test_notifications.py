@@ -11,6 +11,7 @@ import hmac
 import http.server
 import json
 import re
+import signal
 import threading
 import time
 
@@ -36,11 +37,11 @@ HOSTS_STATE = json.dumps({
 class Receiver(object):
     """Records each POST as (path, headers, body, arrival time).
 
-    It answers `status`, or with `status=None` never answers: the request
-    hangs until the receiver is closed (at most 30 s).
+    It answers `status`, after `delay` seconds, or with `status=None` never
+    answers: the request hangs until the receiver is closed (at most 30 s).
     """
 
-    def __init__(self, status=200):
+    def __init__(self, status=200, delay=0):
         self.posts = []
         self.arrived = threading.Condition()
         self.released = threading.Event()
@@ -55,6 +56,7 @@ class Receiver(object):
                 if status is None:
                     receiver.released.wait(30)
                     return
+                time.sleep(delay)
                 self.send_response(status)
                 self.send_header('Content-Length', '0')
                 self.end_headers()
@@ -83,8 +85,8 @@ class Receiver(object):
 def receiver():
     made = []
 
-    def make(status=200):
-        made.append(Receiver(status))
+    def make(status=200, delay=0):
+        made.append(Receiver(status, delay))
         return made[-1]
 
     yield make
@@ -274,6 +276,44 @@ def test_a_notifier_without_its_url_fails_to_start_and_terraform_goes_on(tyl_fac
     assert [p['recent_logged_error'] for p in app['post_processors']] == [
         'failed to start: ValueError: WEBHOOK_URL is not set',
         'failed to start: ValueError: SLACK_WEBHOOK_URI is not set']
+
+
+# --------------------------------------------------------------------------
+# Stopping
+# --------------------------------------------------------------------------
+
+def stop_within_10_s(server):
+    """SIGTERM, as systemd sends it, and a clean exit within 10 s."""
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(10) == 0
+    assert time.monotonic() - started < 10
+
+
+def test_sigterm_delivers_the_notifications_queued_to_a_slow_receiver(tyl_factory, receiver):
+    hook = receiver(delay=0.5)
+    server = tyl_factory(POST_PROCESS_CLASSES=[WEBHOOK], WEBHOOK_URL=hook.url).start()
+    for n in range(4):
+        holder = lock_info('L%d' % n)
+        assert at_once(lock, server, 'app', holder)[0] == 200
+        assert at_once(unlock, server, 'app', holder)[0] == 200
+    assert len(hook.posts) < 8          # most still queued at the signal
+    stop_within_10_s(server)
+    events = [json.loads(body) for _, _, body, _ in hook.wait_for(8, timeout=0)]
+    assert [(e['action'], e['lock_id']) for e in events] == [
+        (action, 'L%d' % n) for n in range(4) for action in ('lock', 'unlock')]
+    assert 'undelivered' not in server.log()
+
+
+def test_a_hanging_receiver_does_not_hold_up_the_exit(tyl_factory, receiver):
+    hook = receiver(status=None)
+    server = tyl_factory(POST_PROCESS_CLASSES=[WEBHOOK], WEBHOOK_URL=hook.url,
+                         NOTIFY_TIMEOUT=60).start()
+    assert at_once(lock, server, 'app', lock_info('L1'))[0] == 200
+    assert at_once(unlock, server, 'app', lock_info('L1'))[0] == 200
+    hook.wait_for(1)                    # the first hangs, the second waits behind it
+    stop_within_10_s(server)
+    assert 'stopped with 2 notification(s) undelivered' in server.log()
 
 
 # --------------------------------------------------------------------------

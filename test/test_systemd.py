@@ -1,10 +1,11 @@
 """Running under systemd: the `systemd-unit` command, the notify protocol
-(READY, WATCHDOG, STOPPING, RELOADING), SIGHUP reloading users and rules,
-and a SIGTERM that lets a slow request finish."""
+(READY, WATCHDOG, STOPPING, RELOADING), SIGHUP reloading users and rules
+and reopening LOG_FILE, and a SIGTERM that lets a slow request finish."""
 
 import base64
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -39,14 +40,15 @@ def directive(lines, name):
 
 def test_systemd_unit_names_this_installation_with_absolute_paths(tmp_path):
     config, lines = systemd_unit(tmp_path, {'FILE_DATA_PATH': 'states',
-                                            'AUDIT_LOG': 'logs/audit.jsonl'})
+                                            'AUDIT_LOG': 'logs/audit.jsonl',
+                                            'LOG_FILE': 'log/tyl.log'})
     assert directive(lines, 'ExecStart').split() == [
         os.path.abspath(sys.executable), os.path.abspath(TYLSERVER), '--config', str(config)]
     assert directive(lines, 'Type') == 'notify'
     assert directive(lines, 'User') == 'tyl' and directive(lines, 'Group') == 'tyl'
     assert directive(lines, 'ProtectSystem') == 'strict'
-    assert directive(lines, 'ReadWritePaths').split() == [str(tmp_path / 'states'),
-                                                          str(tmp_path / 'logs')]
+    assert directive(lines, 'ReadWritePaths').split() == [
+        str(tmp_path / 'states'), str(tmp_path / 'logs'), str(tmp_path / 'log')]
     assert directive(lines, 'NoNewPrivileges') == 'true'
     assert directive(lines, 'PrivateTmp') == 'true'
     assert directive(lines, 'ProtectHome') in ('true', 'read-only')
@@ -188,3 +190,26 @@ def test_sigterm_lets_a_slow_write_finish_and_exits_within_10_s(tyl_factory, not
     status, _, body = server.request('GET', '/?env=slow')
     assert status == 200 and json.loads(body.decode())['lineage'] == 'slow'
     assert server.request('LOCK', '/?env=slow', body=json.dumps({'ID': 'x'}))[0] == 200
+
+
+def test_log_file_is_0600_and_sighup_reopens_it_after_logrotate(tyl_factory, notify):
+    server = tyl_factory(LOG_FILE='tyl.log')
+    server.env = {'NOTIFY_SOCKET': notify.path}
+    server.start()
+    notify.wait_for('READY=1')
+    log_file = pathlib.Path(server.workdir, 'tyl.log')
+    rotated = log_file.with_name('tyl.log.1')
+    assert server.request('GET', '/?env=before')[0] == 204
+    log_file.rename(rotated)            # what logrotate does
+    server.process.send_signal(signal.SIGHUP)
+    notify.wait_for('RELOADING=1')
+    notify.wait_for('READY=1')
+    assert server.request('GET', '/?env=after')[0] == 204
+    deadline = time.monotonic() + 10    # the access line follows the answer
+    while 'env=after' not in log_file.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 'env=after' in log_file.read_text()
+    assert log_file.stat().st_mode & 0o777 == 0o600
+    assert 'env=before' in rotated.read_text() and 'env=after' not in rotated.read_text()
+    assert 'env=before' not in server.log()  # standard error keeps only the start-up line
+    assert server.stop() == 0
