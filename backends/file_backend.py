@@ -69,11 +69,15 @@ class FileBackend(TYLPersistent):
         self.constants = constants
         # The newest version this instance stored (see _known_versions).
         self._newest = None
+        # Directories with an entry not yet fsynced (see _in_directory).
+        self._unsynced = set()
 
     def _in_directory(self, write, path, data):
         """Run `write(path, data)`, creating the environment's directories
         when missing: on the first change, never on a read, so a mistyped
-        name leaves nothing behind, and without a check on every write."""
+        name leaves nothing behind, and without a check on every write.
+        Their parents are fsynced by the _sync_directories that ends the
+        change, where it costs nothing more."""
         try:
             return write(path, data)
         except FileNotFoundError:
@@ -83,8 +87,15 @@ class FileBackend(TYLPersistent):
                     os.mkdir(directory, 0o700)
                 except FileExistsError:
                     continue
-                fsync_path(parent)
+                self._unsynced.add(parent)
             return write(path, data)
+
+    def _sync_directories(self, *directories):
+        """fsync `directories`, and those where a directory was created, as
+        the last step of a change (see the module's docstring)."""
+        for directory in self._unsynced.union(directories):
+            fsync_path(directory)
+        self._unsynced.clear()
 
     # Every file goes through these two, `role` naming it ('state', 'lock'
     # or 'version': a version's metadata), so a subclass can store another
@@ -107,7 +118,7 @@ class FileBackend(TYLPersistent):
             return False
         with created:
             os.fsync(created.fileno())
-        fsync_path(self.directory)
+        self._sync_directories(self.directory)
         return True
 
     def set_unlocked(self, state_obj, **kwargs):
@@ -160,6 +171,7 @@ class FileBackend(TYLPersistent):
         data = self._dump('state', kwargs['raw_bytes'])
         if not self.constants.HISTORY_KEEP:
             self._in_directory(write_file_durably, self.state_path, data)
+            self._sync_directories()
             return
         written = self._in_directory(write_temporary_file, self.directory, data)
         known = self._known_versions()
@@ -178,8 +190,7 @@ class FileBackend(TYLPersistent):
         with description:
             self._prune(known + [number])
             os.fsync(description.fileno())
-        fsync_path(self.history)
-        fsync_path(self.directory)
+        self._sync_directories(self.history, self.directory)
         self._newest = number
 
     def get_tfstate(self):
@@ -187,7 +198,7 @@ class FileBackend(TYLPersistent):
 
     def open_tfstate(self):
         try:
-            return open(self.state_path, 'rb')
+            return open(self.state_path, 'rb', buffering=0)
         except FileNotFoundError:
             return None
 
