@@ -445,14 +445,22 @@ def fsync_path(path):
         os.close(fd)
 
 
+def write_all(stream, data):
+    """Write all of `data` to `stream`, an unbuffered file (buffering=0,
+    which spares a buffer object and its system calls): its write may
+    take less than it is given."""
+    view = memoryview(data)
+    while view:
+        view = view[stream.write(view):]
+
+
 def write_temporary_file(directory, data):
     """Write `data` to a new fsynced 0600 file in `directory`; return its path."""
     fd, temporary = tempfile.mkstemp(dir=directory, prefix='.tmp-')
     try:
-        with os.fdopen(fd, 'wb') as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
+        with os.fdopen(fd, 'wb', buffering=0) as stream:
+            write_all(stream, data)
+            os.fsync(fd)
     except BaseException:
         os.unlink(temporary)
         raise

@@ -41,7 +41,7 @@ import time
 import uuid
 
 from tylstore import (ENVIRONMENT_NAME, TYLPersistent, fsync_path, history_cutoff, lock_id,
-                      write_file_durably, write_temporary_file)
+                      write_all, write_file_durably, write_temporary_file)
 
 # A version's number as it names its files: no sign, no leading zero, so
 # one number has one name.
@@ -334,10 +334,9 @@ def _create_new(path, data):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return None
-    stream = os.fdopen(fd, 'wb')
+    stream = os.fdopen(fd, 'wb', buffering=0)
     try:
-        stream.write(data)
-        stream.flush()
+        write_all(stream, data)
     except BaseException:
         stream.close()
         raise
@@ -357,7 +356,7 @@ def _put_back(moved, path):
 def _read(path):
     """The file's bytes, or b'' when it does not exist."""
     try:
-        with open(path, 'rb') as stream:
+        with open(path, 'rb', buffering=0) as stream:
             return stream.read()
     except FileNotFoundError:
         return b''
