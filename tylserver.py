@@ -748,35 +748,33 @@ class Environment(object):
             if not holder and lock_id is not None:
                 return text_reply(409, 'lock %s is not held: the lock was released or '
                                        'force-unlocked; nothing was stored' % _printable(lock_id))
-            self._store(body, _version_metadata(body, top, holder, digests['sha256']), holder)
-            if self.state_in_file:
-                self._remember_md5(digests['md5'])
+            stored = self._store(body, _version_metadata(body, top, holder, digests['sha256']),
+                                 holder)
+            if self.state_in_file and isinstance(stored, os.stat_result):
+                # The next GET need not read the file to hash it.  Not from
+                # a stat taken here: another server process on the same
+                # storage may have replaced the file already.
+                self._file_md5 = (_file_identity(stored), digests['md5'])
         return Reply(200, b'', None)
-
-    def _remember_md5(self, md5):
-        """Keep the Content-MD5 of the state file just stored (call under
-        `mutex`), so that the next GET does not read the file to hash it."""
-        stream = self.backend.open_tfstate()
-        if stream is not None:
-            with stream:
-                self._file_md5 = (_file_identity(os.fstat(stream.fileno())), md5)
 
     def _store(self, body, metadata, holder):
         """Hand an accepted state to the backend, then to the post-processors
         (call under `mutex`).  `metadata` is what a history records of it.
 
         The state is unpacked only for those who need the object: plugins
-        that do not store raw bytes, and post-processors.
+        that do not store raw bytes, and post-processors.  Returns what a
+        RAW_BYTES backend's store_tfstate returned.
         """
-        state = text = None
+        state = text = stored = None
         if self.post_processors or not self.plugins.backend_class.RAW_BYTES:
             state, text = parse_json_object(body, 'state')
         if self.plugins.backend_class.RAW_BYTES:
-            self.backend.store_tfstate(state, raw_bytes=body, metadata=metadata,
-                                       holder_id=tylstore.lock_id(holder))
+            stored = self.backend.store_tfstate(state, raw_bytes=body, metadata=metadata,
+                                                holder_id=tylstore.lock_id(holder))
         else:
             self.backend.store_tfstate(state, raw=text)
         self.notify('process_tfstate', state, text, holder)
+        return stored
 
     def lock(self, body):
         info, text = parse_lock_info(body)
@@ -1438,19 +1436,28 @@ def resource_instances(state):
     a parsed state.  Version 4 lists resources[].instances, addressed as
     Terraform does from module, mode, type, name and index key
     (module.a.data.t.n["k"]); version 3 lists modules[].resources, keyed
-    within their module path."""
-    for resource in state.get('resources') or []:
+    within their module path.  A resources, instances or modules that is
+    not a list, and an entry of one that is not an object, are skipped."""
+    for resource in _objects(state.get('resources')):
         parts = [resource.get('module'), 'data' if resource.get('mode') == 'data' else None,
                  resource.get('type'), resource.get('name')]
         address = '.'.join(str(part) for part in parts if part)
-        for instance in resource.get('instances') or []:
+        for instance in _objects(resource.get('instances')):
             key = instance.get('index_key')
             index = '' if key is None else '[%s]' % json.dumps(key, ensure_ascii=False)
             yield address + index, instance.get('attributes', instance.get('attributes_flat'))
-    for module in state.get('modules') or []:
-        prefix = ''.join('module.%s.' % name for name in (module.get('path') or [])[1:])
-        for key, resource in (module.get('resources') or {}).items():
-            yield prefix + key, (resource.get('primary') or {}).get('attributes')
+    for module in _objects(state.get('modules')):
+        path = module.get('path')
+        prefix = ''.join('module.%s.' % name for name in (path if isinstance(path, list) else [])[1:])
+        resources = module.get('resources')
+        for key, resource in (resources.items() if isinstance(resources, dict) else ()):
+            primary = resource.get('primary') if isinstance(resource, dict) else None
+            yield prefix + key, primary.get('attributes') if isinstance(primary, dict) else None
+
+
+def _objects(items):
+    """The JSON objects in `items`, when it is a list."""
+    return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
 
 
 def resource_diff(old, new):
@@ -1528,12 +1535,12 @@ def _age(created):
     try:
         when = datetime.datetime(*[int(part) for part in found.groups()[:6]],
                                  tzinfo=datetime.timezone.utc)
-    except ValueError:  # as month 13, or a leap second
+        zone = found.group(7)
+        if zone.upper() != 'Z':
+            offset = datetime.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+            when = when - offset if zone[0] == '+' else when + offset
+    except (ValueError, OverflowError):  # as month 13, a leap second, or past year 9999
         return '?'
-    zone = found.group(7)
-    if zone.upper() != 'Z':
-        offset = datetime.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
-        when = when - offset if zone[0] == '+' else when + offset
     seconds = max(0, int(time.time() - when.timestamp()))
     if seconds >= 2 * 86400:
         return '%d days ago' % (seconds // 86400)
@@ -1545,9 +1552,10 @@ def _age(created):
 
 
 def _human_size(size):
-    """A size in bytes as people read it: 812 B, 1.5 KB, 42.0 MB; None stays None."""
-    if size is None:
-        return None
+    """A size in bytes as people read it: 812 B, 1.5 KB, 42.0 MB; what is
+    not a whole number (None, or a backend's odd metadata) stays as it is."""
+    if not _whole_number(size):
+        return size
     if size < 1024:
         return '%d B' % size
     for unit in ('KB', 'MB', 'GB'):
@@ -1622,7 +1630,8 @@ def _history_table(versions):
         return Markup('<p>No version kept yet.</p>')
     return _table(('Version', 'Serial', 'Created', 'Who', 'Lock ID', 'Size', 'SHA-256'),
                   [(v['version'], v['serial'], v['created'], v['who'], v['lock_id'],
-                    _human_size(v['size']), v['sha256'] and v['sha256'][:12]) for v in versions])
+                    _human_size(v['size']), str(v['sha256'])[:12] if v['sha256'] else None)
+                   for v in versions])
 
 
 def _version_select(field, versions, chosen):

@@ -166,7 +166,11 @@ class TYLPersistent(abc.ABC):
         None when there is none, for a backend whose state is a file holding
         exactly the bytes received and replaced whole, never rewritten in
         place.  The server then sends it from the file, without reading a
-        large state into memory, and computes its Content-MD5 once per file."""
+        large state into memory, and computes its Content-MD5 once per file.
+        Such a backend's store_tfstate may return the os.stat of the file it
+        stored (the same file, as open_tfstate would open it, not one put in
+        its place since): the server then keeps the MD5 of the bytes it
+        received for it, and need not hash the file at all."""
         raise NotImplementedError('%s keeps no state file' % type(self).__name__)
 
     # History: a backend that overrides list_versions and get_version keeps

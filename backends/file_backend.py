@@ -132,12 +132,13 @@ class FileBackend(TYLPersistent):
     def _remove_empty_lock(self):
         """Remove lock.json if it is empty and old: see the module's docstring."""
         try:
-            found = os.stat(self.lock_path)
+            if not _is_old_and_empty(self.lock_path):
+                return False
         except FileNotFoundError:
             return True
-        if found.st_size or time.time() - found.st_mtime < EMPTY_LOCK_AGE:
-            return False
-        return self._remove_if(self.lock_path, lambda path: not os.path.getsize(path))
+        # Checked again once moved aside: another LOCK may have removed it and
+        # created its own meanwhile, empty until written.
+        return self._remove_if(self.lock_path, _is_old_and_empty)
 
     def _remove_if(self, path, wanted):
         """Remove the file `path` if `wanted(moved)` says so of the file,
@@ -192,6 +193,10 @@ class FileBackend(TYLPersistent):
             os.fsync(description.fileno())
         self._sync_directories(self.history, self.directory)
         self._newest = number
+        try:  # this version's name is ours alone: see open_tfstate's contract
+            return os.stat(self._version_path(number, '.tfstate'))
+        except FileNotFoundError:  # pruned already by another process
+            return None
 
     def get_tfstate(self):
         return self._load('state', self.state_path)
@@ -341,6 +346,12 @@ def _create_new(path, data):
         stream.close()
         raise
     return stream
+
+
+def _is_old_and_empty(path):
+    """Whether the file `path` is empty and older than EMPTY_LOCK_AGE."""
+    found = os.stat(path)
+    return not found.st_size and time.time() - found.st_mtime >= EMPTY_LOCK_AGE
 
 
 def _put_back(moved, path):

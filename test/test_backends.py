@@ -269,8 +269,15 @@ def test_no_state_and_no_lock_read_as_empty(store):
 @each_backend()
 def test_state_round_trip_is_exact(store):
     instance = store.new()
-    assert store_state(instance, TRICKY_STATE) is None
+    stored = store_state(instance, TRICKY_STATE)
     assert_stored(instance, instance.get_tfstate(), TRICKY_STATE)
+    if not store.cls.supports('open_tfstate'):
+        return  # what store_tfstate returns is then ignored
+    with instance.open_tfstate() as stream:
+        assert stream.read() == TRICKY_STATE
+        # What store_tfstate may return: the stat of the very file stored.
+        assert stored is None or tylserver._file_identity(stored) == \
+            tylserver._file_identity(os.fstat(stream.fileno()))
 
 
 @each_backend()
@@ -729,3 +736,27 @@ def test_an_empty_lock_file_left_by_a_crash_is_no_lock(store):
     assert lock(instance, L1)
     assert_stored(instance, instance.get_lock_state(), L1)
     assert not lock(store.new(), L2)
+
+
+@pytest.mark.parametrize('store', [pytest.param(backend, id=backend.name) for backend in BACKENDS
+                                   if backend.name in ('file', 'aes')], indirect=True)
+def test_an_old_empty_lock_replaced_by_a_fresh_one_meanwhile_is_not_removed(store):
+    """Two LOCKs find the same old empty lock.json; the first removes it
+    and creates its own, empty until written, just before the second moves
+    lock.json aside to remove it: the second must leave that one alone."""
+    instance = store.new()
+    store_state(instance, SMALL_STATE)
+    path = os.path.join(store.storage, 'env', 'lock.json')
+    open(path, 'wb').close()
+    a_minute_ago = time.time() - 60
+    os.utime(path, (a_minute_ago, a_minute_ago))
+    remove_if = instance._remove_if
+
+    def other_lock_meanwhile(*args):
+        os.unlink(path)
+        open(path, 'wb').close()   # the other LOCK's exclusive create, not yet written
+        return remove_if(*args)
+
+    instance._remove_if = other_lock_meanwhile
+    assert not lock(instance, L1)
+    assert os.path.exists(path)

@@ -1034,6 +1034,55 @@ def test_concurrent_cycles_on_separate_environments_do_not_mix(tyl_server):
         assert holder_of(tyl_server, env) is None
 
 
+# Holds a write, after its state is stored and before it is answered, until
+# the file $TYL_TEST_GATE/go exists: another process can write meanwhile.
+GATED_POST_PROCESSOR = '''
+import os
+import time
+
+from failing_pp import Failing
+
+
+class Gated(Failing):
+    def process_tfstate(self, tfstate_obj, **kwargs):
+        gate = os.environ['TYL_TEST_GATE']
+        open(os.path.join(gate, 'reached'), 'w').close()
+        deadline = time.monotonic() + 20
+        while not os.path.exists(os.path.join(gate, 'go')) and time.monotonic() < deadline:
+            time.sleep(0.01)
+'''
+
+
+def test_get_after_another_process_replaced_the_state_during_a_write_has_its_md5(
+        tyl_factory, tmp_path):
+    """A server remembers the Content-MD5 of the state it wrote; the file
+    it finds after the write may already be another process's."""
+    write_plugin(tmp_path / 'plugins', 'failing_pp', FAILING_POST_PROCESSOR)
+    plugins = write_plugin(tmp_path / 'plugins', 'gated_pp', GATED_POST_PROCESSOR)
+    gate = tmp_path / 'gate'
+    gate.mkdir()
+    shared = str(tmp_path / 'shared-data')
+    first = tyl_factory('first', FILE_DATA_PATH=shared, BACKEND_PLUGINS_PATH=plugins,
+                        POST_PROCESS_CLASSES=['gated_pp.Gated'])
+    first.env = {'TYL_TEST_GATE': str(gate)}
+    first.start()
+    second = tyl_factory('second', FILE_DATA_PATH=shared).start()
+    answers = []
+    writer = threading.Thread(target=lambda: answers.append(write(first, 'app', STATE)[0]))
+    writer.start()
+    deadline = time.monotonic() + 20
+    while not (gate / 'reached').exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert write(second, 'app', STATE2)[0] == 200
+    (gate / 'go').touch()
+    writer.join(30)
+    assert answers == [200]
+    for server in (first, second):
+        status, headers, data = req(server, 'GET', '/?env=app')
+        assert (status, data) == (200, STATE2)
+        assert headers['Content-MD5'] == md5_b64(STATE2)
+
+
 # --------------------------------------------------------------------------
 # Byte-exactness and size
 # --------------------------------------------------------------------------

@@ -330,6 +330,79 @@ def test_a_backend_error_shows_in_its_row_only(tyl_factory, tmp_path):
     assert status == 200 and 'HalfBroken keeps no history.' in text
 
 
+# Valid JSON objects, so stored as states, that Terraform would not have written.
+ODD_STATES = [
+    {'resources': {'a': 1}}, {'resources': [1, 'x', None]},
+    {'resources': [{'type': 't', 'name': 'n', 'instances': {'a': 1}}]},
+    {'resources': [{'type': 't', 'name': 'n', 'instances': [1, None, 'x']}]},
+    {'version': 3, 'modules': {'a': 1}}, {'version': 3, 'modules': [1, {'path': 5, 'resources': [1]}]},
+    {'version': 3, 'modules': [{'path': ['root'], 'resources': {'a': {'primary': 's'}, 'b': 7}}]},
+]
+
+
+def test_odd_states_render_both_pages_and_compare(tyl_factory):
+    server = tyl_factory().start()
+    good = v4_state(2, [v4_resource('n', {None: {'id': '1'}})])
+    for number, odd in enumerate(ODD_STATES):
+        env = 'odd-%d' % number
+        odd = json.dumps(dict({'serial': 1, 'lineage': 'l'}, **odd)).encode()
+        for state in (odd, good, odd):
+            assert write(server, env, state)[0] == 200
+        assert diff_page(server, env)['removed'] == ['null_resource.n'], odd
+        first, second = [v['version'] for v in reversed(history(server, env))][:2]
+        assert diff_page(server, env, first, second)['added'] == ['null_resource.n'], odd
+    status, _, text = get_page(server, '/ui')
+    assert status == 200 and 'class="error"' not in text
+    assert [row[8] for _, row in sorted(overview(text).items())] == ['0'] * 6 + ['2']
+
+
+def test_a_lock_created_at_either_end_of_the_calendar_has_an_unknown_age(tyl_factory):
+    server = tyl_factory().start()
+    for env, created in (('first', '0001-01-01T00:00:00+01:00'), ('last', '9999-12-31T23:59:59-01:00')):
+        assert lock(server, env, json.dumps({'ID': 'L', 'Who': 'w', 'Created': created}).encode())[0] == 200
+        status, _, text = get_page(server, '/ui/env?env=' + env)
+        assert status == 200, text
+        assert dict(re.findall(r'<tr><td>([^<]*)</td><td>([^<]*)</td></tr>', text))['Locked'] == '?'
+        assert form_token(text)     # the lock can still be released from here
+    rows = overview(get_page(server, '/ui')[2])
+    assert rows == {'first': ['w', '?', 'L', '?'] + ['\u2014'] * 5,
+                    'last': ['w', '?', 'L', '?'] + ['\u2014'] * 5}
+
+
+ODD_HISTORY_BACKEND = '''
+from half_broken import HalfBroken
+
+STATE = b'{"version": 4, "serial": 2, "lineage": "l", "resources": []}'
+
+
+class OddHistory(HalfBroken):
+    """A history whose metadata is not of the types TYL writes, as a git
+    commit's trailer written by hand could give."""
+
+    def list_versions(self):
+        return [{'version': '2', 'serial': {'a': 1}, 'size': '<big>', 'sha256': 1234567890123456789,
+                 'created': ['<now>']},
+                {'version': '1', 'serial': 1, 'size': True, 'sha256': ['x'], 'created': None}]
+
+    def get_version(self, version):
+        return STATE if version in ('1', '2') else None
+'''
+
+
+def test_history_metadata_of_any_type_shows_as_it_is(tyl_factory, tmp_path):
+    write_plugin(tmp_path / 'plugins', 'half_broken', HALF_BROKEN_BACKEND)
+    plugins = write_plugin(tmp_path / 'plugins', 'odd_history', ODD_HISTORY_BACKEND)
+    server = tyl_factory(BACKEND_PLUGINS_PATH=plugins, BACKEND_CLASS='odd_history.OddHistory').start()
+    status, _, text = get_page(server, '/ui/env?env=app')
+    assert status == 200, text
+    rows = re.findall(r'<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td><td>[^<]*</td>'
+                      r'<td>[^<]*</td><td>([^<]*)</td><td>([^<]*)</td></tr>', text)
+    assert [tuple(html.unescape(cell) for cell in row) for row in rows] == [
+        ('2', "{'a': 1}", "['<now>']", '<big>', '123456789012'),
+        ('1', '1', '\u2014', 'True', "['x']")]
+    assert '<big>' not in text and '<now>' not in text
+
+
 # --------------------------------------------------------------------------
 # who may see and do what; the force-unlock form
 # --------------------------------------------------------------------------
