@@ -1630,8 +1630,13 @@ def _history_table(versions):
         return Markup('<p>No version kept yet.</p>')
     return _table(('Version', 'Serial', 'Created', 'Who', 'Lock ID', 'Size', 'SHA-256'),
                   [(v['version'], v['serial'], v['created'], v['who'], v['lock_id'],
-                    _human_size(v['size']), str(v['sha256'])[:12] if v['sha256'] else None)
-                   for v in versions])
+                    _human_size(v['size']), _short_digest(v['sha256'])) for v in versions])
+
+
+def _short_digest(sha256):
+    """The first 12 characters of a version's sha256, shown as enough to
+    tell versions apart; a backend's odd metadata is shown as it is."""
+    return str(sha256)[:12] if sha256 else None
 
 
 def _version_select(field, versions, chosen):
@@ -2880,7 +2885,7 @@ def run_history(args, plugins):
         print(json.dumps(versions, indent=2))
         return 0
     rows = [('VERSION', 'SERIAL', 'CREATED', 'SIZE', 'SHA256', 'WHO', 'LOCK ID')]
-    rows += [(v['version'], v['serial'], v['created'], v['size'], (v['sha256'] or '')[:12],
+    rows += [(v['version'], v['serial'], v['created'], v['size'], _short_digest(v['sha256']),
               v['who'], v['lock_id']) for v in versions]
     _print_table(rows)
     return 0

@@ -458,9 +458,13 @@ def write_all(stream, data):
         view = view[stream.write(view):]
 
 
+# How the names of write_temporary_file's files begin.
+TEMPORARY_PREFIX = '.tmp-'
+
+
 def write_temporary_file(directory, data):
     """Write `data` to a new fsynced 0600 file in `directory`; return its path."""
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix='.tmp-')
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX)
     try:
         with os.fdopen(fd, 'wb', buffering=0) as stream:
             write_all(stream, data)

@@ -31,7 +31,9 @@ can leave an empty file under a name just created (a lock, a version's
 .json) when the crash came before that change was acknowledged.  Such a
 file counts as absent: an empty lock.json is no lock, and is removed by the
 next LOCK once it is old enough not to be a lock being written; a version
-whose .json is empty is not listed.
+whose .json is empty is not listed.  A crash can also leave the temporary
+file of a state being written: each instance removes those of its
+environment on its first state write, once they are STALE_FILE_AGE old.
 """
 
 import json
@@ -40,8 +42,9 @@ import re
 import time
 import uuid
 
-from tylstore import (ENVIRONMENT_NAME, TYLPersistent, fsync_path, history_cutoff, lock_id,
-                      write_all, write_file_durably, write_temporary_file)
+from tylstore import (ENVIRONMENT_NAME, TEMPORARY_PREFIX, TYLPersistent, fsync_path,
+                      history_cutoff, lock_id, write_all, write_file_durably,
+                      write_temporary_file)
 
 # A version's number as it names its files: no sign, no leading zero, so
 # one number has one name.
@@ -54,6 +57,10 @@ CLAIM_ATTEMPTS = 100
 # Seconds after which an empty lock.json is what a crash left of a LOCK,
 # never answered, rather than a lock whose bytes are being written.
 EMPTY_LOCK_AGE = 10
+
+# Seconds after which a temporary file is what a crash left rather than a
+# change under way, which keeps its file for the seconds a write takes.
+STALE_FILE_AGE = 3600
 
 
 class FileBackend(TYLPersistent):
@@ -71,6 +78,7 @@ class FileBackend(TYLPersistent):
         self._newest = None
         # Directories with an entry not yet fsynced (see _in_directory).
         self._unsynced = set()
+        self._crash_leftovers_removed = False
 
     def _in_directory(self, write, path, data):
         """Run `write(path, data)`, creating the environment's directories
@@ -169,6 +177,8 @@ class FileBackend(TYLPersistent):
         return self._load('lock', self.lock_path).decode('utf-8')
 
     def store_tfstate(self, tfstate_obj, **kwargs):
+        if not self._crash_leftovers_removed:
+            self._remove_crash_leftovers()
         data = self._dump('state', kwargs['raw_bytes'])
         if not self.constants.HISTORY_KEEP:
             self._in_directory(write_file_durably, self.state_path, data)
@@ -197,6 +207,26 @@ class FileBackend(TYLPersistent):
             return os.stat(self._version_path(number, '.tfstate'))
         except FileNotFoundError:  # pruned already by another process
             return None
+
+    def _remove_crash_leftovers(self):
+        """Unlink the temporary files, STALE_FILE_AGE old, that a crash
+        left in the environment's directory (see the module's docstring).
+        Once per instance: a restarted server cleans up where it writes,
+        for one listing."""
+        self._crash_leftovers_removed = True
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return
+        cutoff = time.time() - STALE_FILE_AGE
+        for name in names:
+            if name.startswith(TEMPORARY_PREFIX):
+                path = os.path.join(self.directory, name)
+                try:
+                    if os.stat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    pass    # removed meanwhile by another process
 
     def get_tfstate(self):
         return self._load('state', self.state_path)

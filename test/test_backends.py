@@ -740,6 +740,29 @@ def test_an_empty_lock_file_left_by_a_crash_is_no_lock(store):
 
 @pytest.mark.parametrize('store', [pytest.param(backend, id=backend.name) for backend in BACKENDS
                                    if backend.name in ('file', 'aes')], indirect=True)
+def test_old_temporary_files_left_by_a_crash_are_removed_by_the_next_write(store):
+    """A kill -9 during a write leaves its temporary file.  The next
+    process's first write removes it once it is old, and leaves a young one
+    alone: another process may be writing it."""
+    store_state(store.new(), SMALL_STATE)
+    directory = os.path.join(store.storage, 'env')
+    old, young = os.path.join(directory, '.tmp-old'), os.path.join(directory, '.tmp-young')
+    for path in (old, young):
+        with open(path, 'wb') as stream:
+            stream.write(b'{"version": 4, "serial": 9')
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    restarted = store.new()
+    assert_stored(restarted, restarted.get_tfstate(), SMALL_STATE)
+    assert os.path.exists(old), 'removed by a read'
+    store_state(restarted, SMALL_STATE)
+    assert not os.path.exists(old)
+    assert os.path.exists(young)
+    assert_stored(restarted, restarted.get_tfstate(), SMALL_STATE)
+
+
+@pytest.mark.parametrize('store', [pytest.param(backend, id=backend.name) for backend in BACKENDS
+                                   if backend.name in ('file', 'aes')], indirect=True)
 def test_an_old_empty_lock_replaced_by_a_fresh_one_meanwhile_is_not_removed(store):
     """Two LOCKs find the same old empty lock.json; the first removes it
     and creates its own, empty until written, just before the second moves

@@ -25,6 +25,7 @@ import test_security
 import test_terraform
 import tylserver
 from test_admin import AUDIT, audit_lines
+from test_history_cli import configured, run
 from test_http import holder_of, lock, lock_info, write, write_plugin
 from test_metrics import scrape, value
 from test_security import PASSWORDS, as_user, auth_config, credentials
@@ -401,6 +402,18 @@ def test_history_metadata_of_any_type_shows_as_it_is(tyl_factory, tmp_path):
         ('2', "{'a': 1}", "['<now>']", '<big>', '123456789012'),
         ('1', '1', '\u2014', 'True', "['x']")]
     assert '<big>' not in text and '<now>' not in text
+
+
+def test_history_metadata_of_any_type_is_listed_by_the_cli_as_it_is(tyl_factory, tmp_path):
+    write_plugin(tmp_path / 'plugins', 'half_broken', HALF_BROKEN_BACKEND)
+    plugins = write_plugin(tmp_path / 'plugins', 'odd_history', ODD_HISTORY_BACKEND)
+    server = configured(tyl_factory, BACKEND_PLUGINS_PATH=plugins,
+                        BACKEND_CLASS='odd_history.OddHistory')
+    done = run(server, 'history', 'app')
+    assert done.returncode == 0, done.stderr
+    rows = [re.split(r'  +', line) for line in done.stdout.decode('utf-8').splitlines()[1:]]
+    assert [row[:5] for row in rows] == [['2', "{'a': 1}", "['<now>']", '<big>', '123456789012'],
+                                         ['1', '1', '-', 'True', "['x']"]]
 
 
 # --------------------------------------------------------------------------
