@@ -439,6 +439,20 @@ class Refusal(Exception):
         self.headers = headers
 
 
+class StoredDataError(Exception):
+    """Bytes read from storage that are not what TYL stores, as a file
+    edited by hand: the server's fault, so a 500, never the client's 400."""
+
+
+def parse_stored(parse, body, what):
+    """`parse(body, what)`, inspect_state or parse_json_object, of bytes
+    read from storage: their fault is a StoredDataError, not a Refusal."""
+    try:
+        return parse(body, what)
+    except Refusal as refusal:
+        raise StoredDataError('stored %s' % refusal.reason) from None
+
+
 def text_reply(status, reason):
     return Reply(status, (reason + '\n').encode('utf-8'), TEXT)
 
@@ -483,25 +497,25 @@ def _keep_top_level_pairs(found):
     return hook
 
 
-def inspect_state(body):
+def inspect_state(body, what='state'):
     """Check a state body without building it; return its top-level fields.
 
     The body must be a UTF-8 JSON object without NaN or Infinity literals,
-    else a 400 Refusal.  Nested objects are parsed and dropped one by one,
+    else a 400 Refusal naming it as `what`.  Nested objects are parsed and dropped one by one,
     so a 50 MB state costs no object tree; the returned dict holds the
     top-level scalars (`version`, `serial`, `lineage`...).
     """
     if not body.lstrip()[:1] == b'{':
-        parse_json_object(body, 'state')  # refuses with the precise reason
+        parse_json_object(body, what)  # refuses with the precise reason
     found = []
     decoder = json.JSONDecoder(object_pairs_hook=_keep_top_level_pairs(found),
                                parse_constant=_reject_constant)
     try:
         decoder.decode(body.decode('utf-8'))
     except UnicodeDecodeError:
-        raise Refusal(400, 'state is not UTF-8')
+        raise Refusal(400, '%s is not UTF-8' % what)
     except ValueError as error:
-        raise Refusal(400, 'state is not valid JSON: %s' % error)
+        raise Refusal(400, '%s is not valid JSON: %s' % (what, error))
     return {key: value for key, value in found if isinstance(value, (str, int, float))}
 
 
@@ -943,14 +957,17 @@ class Environment(object):
     def _restorable(self, version):
         """(the bytes of version `version` with their top-level serial set
         one above the current state's, or above their own when there is no
-        state or it has none, that serial)."""
+        state, or it has none or cannot be read, that serial)."""
         old = self.read_version(version).body
-        serial = inspect_state(old).get('serial')
+        serial = parse_stored(inspect_state, old, 'version %s' % _printable(version)[:80]).get('serial')
         if not _whole_number(serial):
             raise Refusal(409, 'version %s has no whole-number top-level "serial" to set'
                           % _printable(version)[:80])
         current = self.read().body
-        current_serial = inspect_state(current).get('serial') if current else None
+        try:
+            current_serial = inspect_state(current).get('serial') if current else None
+        except Refusal:  # a state edited by hand: restoring is how it is repaired
+            current_serial = None
         if _whole_number(current_serial):
             serial = max(serial, current_serial)
         return with_serial(old, serial + 1), serial + 1
@@ -1424,7 +1441,7 @@ class Dashboard(object):
         with self._lock:
             cached = self._counts.get(name)
         if cached is None or cached[0] != key:
-            parsed, _ = parse_json_object(state, 'state')
+            parsed, _ = parse_stored(parse_json_object, state, 'state')
             cached = (key, sum(1 for _ in resource_instances(parsed)))
             with self._lock:
                 self._counts[name] = cached
@@ -1579,7 +1596,7 @@ def _environment_cells(server, environment):
     lineage, size, last write (from the history) and resource count."""
     held = environment.lock_holder()
     state = environment.read().body
-    top = inspect_state(state) if state else {}
+    top = parse_stored(inspect_state, state, 'state') if state else {}
     versions = environment.versions() if environment.keeps_history() else []
     return _lock_cells(held) + [
         top.get('serial'), top.get('lineage'), _human_size(len(state)) if state else None,
@@ -1588,14 +1605,19 @@ def _environment_cells(server, environment):
 
 
 def _overview_row(server, name):
-    """One environment's row; a failing backend shows its error there, so
-    that one broken environment does not hide the others."""
+    return [_environment_link(name)] + _cells_or_error(server, name)
+
+
+def _cells_or_error(server, name):
+    """_environment_cells, or the error that stopped them in one cell: a
+    failing backend or unreadable stored data shows there, so that one
+    broken environment hides neither the others nor the rest of its page."""
     try:
-        return [_environment_link(name)] + _environment_cells(server, server.environments[name])
+        return _environment_cells(server, server.environments[name])
     except Exception as error:
         reason = '%s: %s' % (type(error).__name__, _one_line(error))
         log.warning('dashboard: env %s: %s', name, _printable(reason))
-        return [_environment_link(name), _markup('<span class="error">%s</span>', reason)]
+        return [_markup('<span class="error">%s</span>', reason)]
 
 
 def render_dashboard(server, names):
@@ -1656,7 +1678,8 @@ def _resource_list(kind, addresses):
 
 
 def _version_state(environment, version):
-    return parse_json_object(environment.read_version(version).body, 'version %s' % version)[0]
+    return parse_stored(parse_json_object, environment.read_version(version).body,
+                        'version %s' % version)[0]
 
 
 def _comparison(environment, versions, chosen):
@@ -1672,8 +1695,11 @@ def _comparison(environment, versions, chosen):
                  _version_select('from', versions, old), Markup('</label> <label>to '),
                  _version_select('to', versions, new),
                  Markup('</label> <button type="submit">Compare</button></form>'))
-    added, removed, changed = resource_diff(_version_state(environment, old),
-                                            _version_state(environment, new))
+    try:
+        added, removed, changed = resource_diff(_version_state(environment, old),
+                                                _version_state(environment, new))
+    except StoredDataError as error:
+        return _join(form, _markup('<p class="error">%s</p>', str(error)))
     return _join(form, _resource_list('added', added), _resource_list('removed', removed),
                  _resource_list('changed', changed))
 
@@ -1685,7 +1711,7 @@ def render_environment_page(server, environment, token, chosen):
     held = environment.lock_holder()
     parts = [Markup('<p><a href="/ui">All environments</a></p>'),
              _markup('<h1>%s</h1>', environment.name),
-             _table(OVERVIEW_HEADINGS[1:], [_environment_cells(server, environment)]),
+             _table(OVERVIEW_HEADINGS[1:], [_cells_or_error(server, environment.name)]),
              Markup('<h2>Lock</h2>'), _lock_details(held)]
     if held and token:
         parts.append(_force_unlock_form(environment.name, token))
@@ -2832,14 +2858,19 @@ def run_systemd_unit(args, plugins):
 
 
 def run_admin_command(args, plugins):
-    """Run the command `args` names; a refusal, or a file it cannot read or
-    write, is one line on standard error and exit status 1."""
+    """Run the command `args` names; a refusal, a file it cannot read or
+    write, or a backend's error, is one line on standard error and exit
+    status 1."""
     try:
         return args.run(args, plugins)
     except Refusal as refusal:
         print('tylserver: %s' % refusal.reason, file=sys.stderr)
     except OSError as error:
         print('tylserver: %s' % _one_line(error), file=sys.stderr)
+    except ConfigError:
+        raise   # a usage error: main's exit status 2
+    except Exception as error:
+        print('tylserver: %s: %s' % (type(error).__name__, _one_line(error)), file=sys.stderr)
     return 1
 
 
@@ -2904,16 +2935,25 @@ def run_envs(args, plugins):
         raise Refusal(405, 'BACKEND_CLASS %s cannot list its environments'
                       % plugins.constants.BACKEND_CLASS)
     rows = [('ENV', 'LOCKED BY', 'SINCE', 'SERIAL', 'SIZE', 'LAST WRITE')]
+    failures = []
     for name in backend_class.list_environments(plugins.constants):
-        environment = Environment(name, _quiet(plugins))
-        holder = tylstore.lock_info(environment.lock_holder())
-        state = environment.read().body
-        versions = environment.versions() if environment.keeps_history() else []
-        rows.append((name, holder.get('Who'), holder.get('Created'),
-                     inspect_state(state).get('serial') if state else None,
-                     len(state) if state else None, versions[0]['created'] if versions else None))
+        try:
+            rows.append(_environment_line(Environment(name, _quiet(plugins))))
+        except Exception as error:
+            failures.append('tylserver: env %s: %s: %s' % (name, type(error).__name__, _one_line(error)))
     _print_table(rows)
-    return 0
+    for failure in failures:   # after the table: one broken environment hides no other
+        print(failure, file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _environment_line(environment):
+    holder = tylstore.lock_info(environment.lock_holder())
+    state = environment.read().body
+    versions = environment.versions() if environment.keeps_history() else []
+    return (environment.name, holder.get('Who'), holder.get('Created'),
+            parse_stored(inspect_state, state, 'state').get('serial') if state else None,
+            len(state) if state else None, versions[0]['created'] if versions else None)
 
 
 def run_show(args, plugins):
@@ -2924,7 +2964,7 @@ def run_show(args, plugins):
     if not state:
         print('state: none')
         return 0
-    fields, _ = parse_json_object(state, 'state')
+    fields, _ = parse_stored(parse_json_object, state, 'state')
     for field in ('serial', 'lineage', 'terraform_version'):
         print('%s: %s' % (field, _printable(str(fields.get(field, '-')))))
     print('resources: %d' % len(fields.get('resources') or []))

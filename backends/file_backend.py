@@ -34,11 +34,15 @@ next LOCK once it is old enough not to be a lock being written; a version
 whose .json is empty is not listed.  A crash can also leave the temporary
 file of a state being written: each instance removes those of its
 environment on its first state write, once they are STALE_FILE_AGE old.
+A change that fails (a full disk, a file in the way) removes the files it
+created before its error reaches the server.
 """
 
+import errno
 import json
 import os
 import re
+import stat
 import time
 import uuid
 
@@ -124,8 +128,7 @@ class FileBackend(TYLPersistent):
             created = _create_new(self.lock_path, data)
         if created is None:
             return False
-        with created:
-            os.fsync(created.fileno())
+        _fsync_new(created, self.lock_path)
         self._sync_directories(self.directory)
         return True
 
@@ -185,15 +188,16 @@ class FileBackend(TYLPersistent):
             self._sync_directories()
             return
         written = self._in_directory(write_temporary_file, self.directory, data)
-        known = self._known_versions()
-        first = max(known, default=0) + 1
         description = None
         try:
+            known = self._known_versions()
+            first = max(known, default=0) + 1
             number, description = self._add_version(written, kwargs['metadata'], first)
             os.replace(written, self.state_path)
         except BaseException:
-            if description is not None:
+            if description is not None:  # a version of a state never stored
                 description.close()
+                self._unlink_version(number)
             os.unlink(written)
             raise
         if number != first:  # another process wrote meanwhile
@@ -240,9 +244,13 @@ class FileBackend(TYLPersistent):
     def list_versions(self):
         versions = []
         for number in reversed(self._versions()):
-            metadata = self._load('version', self._version_path(number, '.json'))
+            path = self._version_path(number, '.json')
+            metadata = self._load('version', path)
             if metadata:  # else pruned meanwhile, or left empty by a crash
-                versions.append(dict(json.loads(metadata), version=str(number)))
+                try:
+                    versions.append(dict(json.loads(metadata), version=str(number)))
+                except (TypeError, ValueError) as error:  # edited by hand
+                    raise ValueError('%s: %s' % (path, error)) from None
         return versions
 
     def get_version(self, version):
@@ -327,7 +335,7 @@ class FileBackend(TYLPersistent):
                 try:
                     os.link(state_file, self._version_path(number, '.tfstate'))
                 except BaseException:
-                    created.close()
+                    _discard(created, self._version_path(number, '.json'))
                     raise
                 return number, created
             number = max(self._claimed(self._history_names()) + [number]) + 1
@@ -348,11 +356,15 @@ class FileBackend(TYLPersistent):
                     break
                 doomed.append(number)  # too old, or what a crash left of a version
         for number in doomed:
-            for suffix in ('.tfstate', '.json'):
-                try:
-                    os.unlink(self._version_path(number, suffix))
-                except FileNotFoundError:
-                    pass
+            self._unlink_version(number)
+
+    def _unlink_version(self, number):
+        """Unlink version `number`: the .tfstate first (see _prune)."""
+        for suffix in ('.tfstate', '.json'):
+            try:
+                os.unlink(self._version_path(number, suffix))
+            except FileNotFoundError:
+                pass
 
     def _is_complete(self, number):
         return os.path.exists(self._version_path(number, '.tfstate'))
@@ -373,14 +385,33 @@ def _create_new(path, data):
     try:
         write_all(stream, data)
     except BaseException:
-        stream.close()
+        _discard(stream, path)
         raise
     return stream
 
 
+def _fsync_new(stream, path):
+    """fsync and close `stream`, the file `path` that _create_new made;
+    removed if that fails, so a failed change leaves no file behind."""
+    with stream:
+        try:
+            os.fsync(stream.fileno())
+        except BaseException:
+            os.unlink(path)
+            raise
+
+
+def _discard(stream, path):
+    """Close `stream` and remove `path`, the file that _create_new made."""
+    stream.close()
+    os.unlink(path)
+
+
 def _is_old_and_empty(path):
     """Whether the file `path` is empty and older than EMPTY_LOCK_AGE."""
-    found = os.stat(path)
+    found = os.lstat(path)
+    if not stat.S_ISREG(found.st_mode):
+        raise OSError(errno.EINVAL, 'not a regular file: move it away by hand', path)
     return not found.st_size and time.time() - found.st_mtime >= EMPTY_LOCK_AGE
 
 

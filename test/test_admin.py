@@ -7,8 +7,10 @@ import getpass
 import hashlib
 import json
 import os
+import re
 
 import tylserver
+from test_history import replace_state_file
 from test_history_cli import STATE2, configured, run, write_file
 from test_http import STATE, lock, lock_info, unlock, write
 
@@ -46,6 +48,31 @@ def test_envs_lists_lock_serial_size_and_last_write(tyl_factory):
         ['db', 'bob@ci', '2026-08-21T10:11:12.123456789Z', '2', str(len(STATE2))],
         ['empty', 'carol@ci', '2026-08-21T10:11:12.123456789Z', '-', '-']]
     assert rows[1][5].endswith('Z') and rows[3][5] == '-'
+
+
+def test_envs_lists_the_others_when_one_cannot_be_read(tyl_factory):
+    server = tyl_factory().start()
+    for env in ('app', 'bad', 'db'):
+        assert write(server, env, STATE)[0] == 200
+    server.stop()
+    replace_state_file(server, b'{"version": 4, "serial": 3, "lin', env='bad')
+    done = run(server, 'envs')
+    assert done.returncode == 1
+    assert [line.split()[0] for line in done.stdout.decode('utf-8').splitlines()] == ['ENV', 'app', 'db']
+    assert done.stderr.startswith(b'tylserver: env bad: StoredDataError: stored state is not valid JSON: ')
+    assert done.stderr.count(b'\n') == 1
+
+
+def test_history_with_metadata_edited_by_hand_is_one_line(tyl_factory):
+    server = tyl_factory().start()
+    assert write(server, 'app', STATE)[0] == 200
+    server.stop()
+    with open(os.path.join(server.data_path, 'app', 'history', '1.json'), 'wb') as stream:
+        stream.write(b'{"serial": 1, "lin')
+    done = run(server, 'history', 'app')
+    assert (done.returncode, done.stdout) == (1, b'')
+    assert re.fullmatch(rb'tylserver: ValueError: \S+/app/history/1\.json: Unterminated string[^\n]*\n',
+                        done.stderr), done.stderr
 
 
 def test_envs_without_list_environments_is_one_line_and_exit_1(tyl_factory):

@@ -17,6 +17,7 @@ with the reason, never left out silently.
 """
 
 import collections
+import errno
 import gc
 import hashlib
 import json
@@ -783,3 +784,97 @@ def test_an_old_empty_lock_replaced_by_a_fresh_one_meanwhile_is_not_removed(stor
     instance._remove_if = other_lock_meanwhile
     assert not lock(instance, L1)
     assert os.path.exists(path)
+
+
+# -- what a failed change leaves of the file stores' writes ----------------------
+
+FILE_STORES = [pytest.param(backend, id=backend.name) for backend in BACKENDS
+               if backend.name in ('file', 'aes')]
+NO_SPACE = OSError(errno.ENOSPC, 'No space left on device')
+
+
+def fail_on_call(monkeypatch, name, number):
+    """Make file_backend's `name` (a function it imported) raise NO_SPACE
+    on its `number`th call from now, as a full disk would."""
+    module = sys.modules['file_backend']
+    real, calls = getattr(module, name), []
+
+    def failing(*args):
+        calls.append(args)
+        return (no_space if len(calls) == number else real)(*args)
+
+    monkeypatch.setattr(module, name, failing)
+
+
+def no_space(*args):
+    raise NO_SPACE
+
+
+def env_files(store):
+    directory = os.path.join(store.storage, 'env')
+    return sorted(os.path.relpath(os.path.join(root, name), directory)
+                  for root, _, names in os.walk(directory) for name in names)
+
+
+@pytest.mark.parametrize('failing', ['write_all', 'os.fsync'])
+@pytest.mark.parametrize('store', FILE_STORES, indirect=True)
+def test_a_lock_that_fails_to_be_written_leaves_no_lock(store, monkeypatch, failing):
+    instance = store.new()
+    store_state(instance, SMALL_STATE)
+    before = env_files(store)
+    if failing == 'os.fsync':
+        monkeypatch.setattr(os, 'fsync', no_space)
+    else:
+        fail_on_call(monkeypatch, failing, 1)
+    with pytest.raises(OSError):
+        lock(instance, L1)
+    monkeypatch.undo()
+    assert env_files(store) == before
+    assert lock(store.new(), L1), 'the failed LOCK left a lock behind'
+
+
+@pytest.mark.parametrize('store', FILE_STORES, indirect=True)
+def test_a_version_that_fails_to_be_written_leaves_nothing_and_takes_no_number(store, monkeypatch):
+    instance = store.new()
+    store_state(instance, SMALL_STATE)
+    before = env_files(store)
+    fail_on_call(monkeypatch, 'write_all', 1)    # the version's metadata
+    with pytest.raises(OSError):
+        store_state(instance, big_state('B', 1000))
+    monkeypatch.undo()
+    assert env_files(store) == before
+    assert_stored(instance, instance.get_tfstate(), SMALL_STATE)
+    store_state(instance, big_state('C', 1000))
+    assert [v['version'] for v in instance.list_versions()] == ['2', '1']
+
+
+@pytest.mark.parametrize('store', FILE_STORES, indirect=True)
+def test_a_state_that_cannot_take_its_place_leaves_no_file_and_no_version(store):
+    instance = store.new()
+    store_state(instance, SMALL_STATE)
+    directory = os.path.join(store.storage, 'env')
+    state_path = os.path.join(directory, store.constants.TFSTATE_FILE_NAME)
+    os.unlink(state_path)
+    os.makedirs(os.path.join(state_path, 'in-the-way'))
+    with pytest.raises(OSError):
+        store_state(instance, big_state('B', 1000))
+    assert [name for name in env_files(store) if not name.startswith(store.constants.TFSTATE_FILE_NAME)] \
+        == ['history/1.json', 'history/1.tfstate']
+    history = os.path.join(directory, 'history')
+    os.rename(history, history + '.aside')
+    with open(history, 'wb'):   # history/ cannot be listed now
+        pass
+    with pytest.raises(OSError):
+        store_state(store.new(), big_state('C', 1000))
+    assert not [name for name in os.listdir(directory) if name.startswith('.tmp-')]
+
+
+@pytest.mark.parametrize('store', FILE_STORES, indirect=True)
+def test_a_lock_file_that_is_not_a_file_is_named_not_taken_for_a_lock(store):
+    instance = store.new()
+    store_state(instance, SMALL_STATE)
+    path = os.path.join(store.storage, 'env', 'lock.json')
+    os.symlink(os.path.join(store.workdir, 'nowhere'), path)
+    with pytest.raises(OSError, match='not a regular file'):
+        lock(instance, L1)
+    assert os.path.islink(path)

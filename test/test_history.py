@@ -180,6 +180,23 @@ def test_restore_without_a_current_state_goes_above_the_versions_own_serial(tyl_
     assert get_state(tyl_server, 'app') == STATES[1].replace(b'"serial": 2', b'"serial": 3')
 
 
+def replace_state_file(server, data, env='app'):
+    """Put `data` in place of the state file, as a hand edit would: a new
+    file, so that the version it was linked to keeps its bytes."""
+    path = os.path.join(server.data_path, env, 'terraform.tfstate')
+    os.unlink(path)
+    with open(path, 'wb') as stream:
+        stream.write(data)
+
+
+def test_restore_repairs_a_state_edited_by_hand(tyl_server):
+    write_three_states(tyl_server)
+    replace_state_file(tyl_server, b'{"version": 4, "serial": 3, "lin')
+    status, _, body = restore(tyl_server, '2')
+    assert status == 200, body
+    assert get_state(tyl_server, 'app') == STATES[1].replace(b'"serial": 2', b'"serial": 3')
+
+
 # --------------------------------------------------------------------------
 # with_serial: only the top-level "serial" value changes
 # --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import test_security
 import test_terraform
 import tylserver
 from test_admin import AUDIT, audit_lines
+from test_history import replace_state_file
 from test_history_cli import configured, run
 from test_http import holder_of, lock, lock_info, write, write_plugin
 from test_metrics import scrape, value
@@ -368,6 +369,24 @@ def test_a_lock_created_at_either_end_of_the_calendar_has_an_unknown_age(tyl_fac
     rows = overview(get_page(server, '/ui')[2])
     assert rows == {'first': ['w', '?', 'L', '?'] + ['\u2014'] * 5,
                     'last': ['w', '?', 'L', '?'] + ['\u2014'] * 5}
+
+
+def test_a_state_edited_by_hand_shows_its_fault_in_its_row(tyl_factory):
+    server = tyl_factory().start()
+    resources = [v4_resource(name, {None: {'id': name}}) for name in 'ab']
+    for env in ('app', 'db'):
+        assert write(server, env, v4_state(1, resources[:1]))[0] == 200
+        assert write(server, env, v4_state(2, resources))[0] == 200
+    replace_state_file(server, b'[1, 2]')
+    status, _, text = get_page(server, '/ui')
+    assert status == 200, text
+    rows = overview(text)
+    assert rows['app'] == ['StoredDataError: stored state must be a JSON object, not list']
+    assert rows['db'][4:6] == ['2', 'lineage-v4']
+    status, _, text = get_page(server, '/ui/env?env=app')
+    assert status == 200, text
+    assert 'stored state must be a JSON object' in text
+    assert listed(text, 'added') == ['null_resource.b']   # the versions are intact
 
 
 ODD_HISTORY_BACKEND = '''
