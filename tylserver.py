@@ -2793,7 +2793,10 @@ def run_systemd_unit(args, plugins):
     Save it as /etc/systemd/system/tyl.service, then run
     `systemctl daemon-reload && systemctl enable --now tyl`."""
     constants = plugins.constants
-    config = os.path.abspath(args.config or DEFAULT_CONFIG_PATH)
+    config = constants.CONFIG_FILE
+    if config is None:
+        raise ConfigError('systemd-unit needs the config file the service will read: there is '
+                          'none at %s; pass --config PATH' % DEFAULT_CONFIG_PATH)
     module = constants.BACKEND_CLASS.rpartition('.')[0]
     notes, writable = [], []
     for key, is_file in BACKEND_DATA_PATHS.get(module, []):
@@ -2965,9 +2968,9 @@ def run_show(args, plugins):
         print('state: none')
         return 0
     fields, _ = parse_stored(parse_json_object, state, 'state')
-    for field in ('serial', 'lineage', 'terraform_version'):
+    for field in ('version', 'terraform_version', 'serial', 'lineage'):
         print('%s: %s' % (field, _printable(str(fields.get(field, '-')))))
-    print('resources: %d' % len(fields.get('resources') or []))
+    print('resource instances: %d' % sum(1 for _ in resource_instances(fields)))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 A persistent backend subclasses `TYLPersistent`; a post-processor subclasses
 `TYLNonpersistent`.  The methods, their arguments and their return values are
-those of PyTerraBackTYL's `abc_tylstore` (see custom_backend.rst), so a plugin
+those of PyTerraBackTYL's `abc_tylstore` (its custom_backend.rst), so a plugin
 written for PyTerraBackTYL loads unchanged; `tylserver` registers this module
 under that old name too.
 

@@ -86,7 +86,8 @@ def test_envs_without_list_environments_is_one_line_and_exit_1(tyl_factory):
 def test_show_prints_the_lock_and_the_top_level_fields(tyl_factory):
     server = configured(tyl_factory)
     assert run(server, 'show', 'app').stdout == b'lock: none\nstate: none\n'
-    state = STATE2.replace(b'"resources": []', b'"resources": [{"type": "a"}, {"type": "b"}]')
+    state = STATE2.replace(b'"resources": []', b'"resources": [{"type": "a", "name": "x", '
+                           b'"instances": [{}, {}]}, {"type": "b", "name": "y", "instances": [{}]}]')
     assert run(server, 'import', 'app', write_file(server, 'in.tfstate', state)).returncode == 0
     server.start()
     assert lock(server, 'app', lock_info('L1'))[0] == 200
@@ -94,8 +95,14 @@ def test_show_prints_the_lock_and_the_top_level_fields(tyl_factory):
     done = run(server, 'show', 'app')
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode('utf-8') == (
-        'lock: %s\nserial: 2\nlineage: 3f0b9c8e-1111-2222-3333-444455556666\n'
-        'terraform_version: 1.0.3\nresources: 2\n' % lock_info('L1').decode('utf-8'))
+        'lock: %s\nversion: 4\nterraform_version: 1.0.3\nserial: 2\n'
+        'lineage: 3f0b9c8e-1111-2222-3333-444455556666\nresource instances: 3\n'
+        % lock_info('L1').decode('utf-8'))
+    version3 = b'{"version": 3, "serial": 7, "modules": [{"path": ["root"], "resources": ' \
+               b'{"null_resource.a": {}, "null_resource.b": {}}}]}'
+    assert run(server, 'import', 'old', write_file(server, 'v3.tfstate', version3)).returncode == 0
+    assert run(server, 'show', 'old').stdout.decode('utf-8').splitlines()[1:] == [
+        'version: 3', 'terraform_version: -', 'serial: 7', 'lineage: -', 'resource instances: 2']
 
 
 def test_unlock_with_the_wrong_id_names_the_holder(tyl_factory):

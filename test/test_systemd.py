@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 import tylserver
-from conftest import TYLSERVER
+from conftest import ROOT, TYLSERVER
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, 'AF_UNIX') or not hasattr(signal, 'SIGHUP'),
                                 reason='needs AF_UNIX sockets and POSIX signals')
@@ -64,6 +65,21 @@ def test_systemd_unit_user_option_and_sqlite_directory(tmp_path):
                                        'SQLITE_DB_PATH': 'db/tyl.sqlite3'}, '--user', 'terraform')
     assert directive(lines, 'User') == 'terraform' and directive(lines, 'Group') == 'terraform'
     assert directive(lines, 'ReadWritePaths') == str(tmp_path / 'db')
+
+
+def test_systemd_unit_without_a_config_file_names_the_missing_file(tmp_path):
+    # An installed TYL has no config.yaml beside tylserver.py: a unit without
+    # --config would resolve its data paths from systemd's working directory.
+    for name in ('tylserver.py', 'tylstore.py'):
+        shutil.copy(os.path.join(ROOT, name), str(tmp_path))
+    shutil.copytree(os.path.join(ROOT, 'backends'), str(tmp_path / 'backends'))
+    result = subprocess.run([sys.executable, str(tmp_path / 'tylserver.py'), 'systemd-unit'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=30, cwd=str(tmp_path))
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.strip().splitlines() == [
+        'tylserver: error: systemd-unit needs the config file the service will read: there is none at '
+        '%s; pass --config PATH' % (tmp_path / 'config.yaml')]
 
 
 class NotifySocket(object):
