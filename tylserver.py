@@ -732,7 +732,7 @@ class Environment(object):
             if found.st_size > READ_WHOLE_UP_TO:
                 return Reply(200, StateFile(stream, found.st_size), JSON, md5)
             with stream:
-                return Reply(200, stream.read(), JSON, md5)
+                return Reply(200, tylstore.read_all(stream.fileno()), JSON, md5)
         except BaseException:
             stream.close()
             raise

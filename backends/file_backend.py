@@ -47,7 +47,7 @@ import time
 import uuid
 
 from tylstore import (ENVIRONMENT_NAME, TEMPORARY_PREFIX, TYLPersistent, fsync_path,
-                      history_cutoff, lock_id, write_all, write_file_durably,
+                      history_cutoff, lock_id, read_all, write_all, write_file_durably,
                       write_temporary_file)
 
 # A version's number as it names its files: no sign, no leading zero, so
@@ -196,15 +196,17 @@ class FileBackend(TYLPersistent):
             os.replace(written, self.state_path)
         except BaseException:
             if description is not None:  # a version of a state never stored
-                description.close()
+                os.close(description)
                 self._unlink_version(number)
             os.unlink(written)
             raise
         if number != first:  # another process wrote meanwhile
             known = [claimed for claimed in self._claimed(self._history_names()) if claimed < number]
-        with description:
+        try:
             self._prune(known + [number])
-            os.fsync(description.fileno())
+            os.fsync(description)
+        finally:
+            os.close(description)
         self._sync_directories(self.history, self.directory)
         self._newest = number
         try:  # this version's name is ours alone: see open_tfstate's contract
@@ -322,7 +324,7 @@ class FileBackend(TYLPersistent):
     def _add_version(self, state_file, metadata, first):
         """Link `state_file` into history/ as version `first`, or above the
         newest there when another process took it, beside its metadata; return its number and the
-        metadata file, open and not yet fsynced.
+        metadata file's descriptor, open and not yet fsynced.
 
         The metadata file is created exclusively, which claims the number:
         two processes writing at once take different numbers.
@@ -375,35 +377,35 @@ class FileBackend(TYLPersistent):
 
 
 def _create_new(path, data):
-    """Create the file `path` holding `data`; return it open, not yet
-    fsynced, or None when `path` exists."""
+    """Create the file `path` holding `data`; return its descriptor, open,
+    not yet fsynced, or None when `path` exists."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return None
-    stream = os.fdopen(fd, 'wb', buffering=0)
     try:
-        write_all(stream, data)
+        write_all(fd, data)
     except BaseException:
-        _discard(stream, path)
+        _discard(fd, path)
         raise
-    return stream
+    return fd
 
 
-def _fsync_new(stream, path):
-    """fsync and close `stream`, the file `path` that _create_new made;
+def _fsync_new(fd, path):
+    """fsync and close `fd`, the file `path` that _create_new made;
     removed if that fails, so a failed change leaves no file behind."""
-    with stream:
-        try:
-            os.fsync(stream.fileno())
-        except BaseException:
-            os.unlink(path)
-            raise
+    try:
+        os.fsync(fd)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
 
 
-def _discard(stream, path):
-    """Close `stream` and remove `path`, the file that _create_new made."""
-    stream.close()
+def _discard(fd, path):
+    """Close `fd` and remove `path`, the file that _create_new made."""
+    os.close(fd)
     os.unlink(path)
 
 
@@ -428,7 +430,10 @@ def _put_back(moved, path):
 def _read(path):
     """The file's bytes, or b'' when it does not exist."""
     try:
-        with open(path, 'rb', buffering=0) as stream:
-            return stream.read()
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return b''
+    try:
+        return read_all(fd)
+    finally:
+        os.close(fd)

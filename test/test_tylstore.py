@@ -86,3 +86,25 @@ def test_abc_tylstore_is_the_contract_for_old_plugins():
     tylserver.load_plugins(tylserver.load_config(environ={}))
     import abc_tylstore
     assert abc_tylstore.TYLPersistent is tylstore.TYLPersistent
+
+
+def test_read_all_reads_to_the_end_even_past_the_size_fstat_gave(tmp_path, monkeypatch):
+    path = tmp_path / 'grown'
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    path.write_bytes(data)
+    real_fstat = os.fstat
+    for reported in (0, 100, len(data)):
+        monkeypatch.setattr(os, 'fstat', lambda fd: os.stat_result(
+            real_fstat(fd)[:6] + (reported,) + real_fstat(fd)[7:]))
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            assert tylstore.read_all(fd) == data, reported
+        finally:
+            os.close(fd)
+    path.write_bytes(b'')
+    monkeypatch.undo()
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        assert tylstore.read_all(fd) == b''
+    finally:
+        os.close(fd)
