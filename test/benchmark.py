@@ -4,10 +4,11 @@
     python3 test/benchmark.py                 # full run, 3 rounds, a few minutes
     python3 test/benchmark.py --quick         # small sizes, a smoke run of ~30 s
     python3 test/benchmark.py --only apply,contention --rounds 5
+    python3 test/benchmark.py --backend sqlite --only apply,get,envs
 
 Both servers run on 127.0.0.1 as separate processes of this Python: TYL as
 `tylserver.py --config <temp>/config.yaml` on the file backend (every write
-fsynced, as shipped), and the reference as `benchmark.py --reference-server 0`,
+fsynced, as shipped; --backend sqlite for the SQLite one), and the reference as `benchmark.py --reference-server 0`,
 a bare `ThreadingHTTPServer` holding a dict and a mutex per environment that
 speaks the same protocol and persists nothing: the ceiling for a stdlib
 server.  Clients are keep-alive `http.client` connections in threads of this
@@ -295,14 +296,24 @@ class ServerProcess(object):
             _RUNNING.remove(self)
 
 
-def start_tyl(workdir, data_path, log_level):
+# The stores --backend chooses: their BACKEND_CLASS, and the config key
+# that puts their data under the data path given to start_tyl.
+BACKENDS = {
+    'file': ('file_backend.FileBackend', 'FILE_DATA_PATH', ''),
+    'sqlite': ('sqlite_backend.SQLiteBackend', 'SQLITE_DB_PATH', 'tyl.sqlite3'),
+}
+
+
+def start_tyl(workdir, data_path, log_level, backend='file'):
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, 'config.yaml')
+    backend_class, path_key, file_name = BACKENDS[backend]
     with open(config_path, 'w') as config:
         # JSON strings are YAML scalars; no PyYAML needed here.
         config.write('BACKEND_SERVICE_IP: "127.0.0.1"\nBACKEND_SERVICE_PORT: 0\n'
-                     'FILE_DATA_PATH: %s\nLOG_LEVEL: %s\n'
-                     % (json.dumps(data_path), json.dumps(log_level)))
+                     'BACKEND_CLASS: %s\n%s: %s\nLOG_LEVEL: %s\n'
+                     % (backend_class, path_key, json.dumps(os.path.join(data_path, file_name)),
+                        json.dumps(log_level)))
     env = {k: v for k, v in os.environ.items() if not k.startswith('TYL_')}
     return ServerProcess('TYL', [sys.executable, TYLSERVER, '--config', config_path], workdir, env)
 
@@ -825,6 +836,7 @@ class Bench(object):
         self.workdir = tempfile.mkdtemp(prefix='tyl-bench-')
         self.rows = []          # final table rows
         self.log_level = args.tyl_log_level
+        self.backend = args.backend
         q = self.quick
         self.seconds = 0.4 if q else 3.0
         self.contention_seconds = 0.8 if q else 5.0
@@ -865,7 +877,8 @@ class Bench(object):
     def fresh(self, kind, name, data_path=None):
         directory = os.path.join(self.workdir, name)
         if kind == 'TYL':
-            return start_tyl(directory, data_path or os.path.join(directory, 'data'), self.log_level)
+            return start_tyl(directory, data_path or os.path.join(directory, 'data'), self.log_level,
+                             self.backend)
         return start_reference(directory)
 
     # -- workloads -----------------------------------------------------------
@@ -993,10 +1006,10 @@ class Bench(object):
     # -- all -------------------------------------------------------------------
 
     def run(self, selected):
-        print('# TYL benchmark: %s, Python %s, %d CPUs, %s%s, %d round%s, TYL LOG_LEVEL %s'
+        print('# TYL benchmark: %s, Python %s, %d CPUs, %s%s, %d round%s, TYL on %s, LOG_LEVEL %s'
               % (time.strftime('%Y-%m-%d %H:%M'), platform.python_version(), os.cpu_count(),
                  platform.system(), ' ' + platform.release(), self.rounds, 's' if self.rounds > 1 else '',
-                 self.log_level), flush=True)
+                 BACKENDS[self.backend][0], self.log_level), flush=True)
         if self.quick:
             print('# --quick: reduced sizes and durations; not figures for the README', flush=True)
         print('# work directory %s' % self.workdir, flush=True)
@@ -1050,19 +1063,28 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description='Benchmark TYL against an in-memory stdlib reference server.')
     parser.add_argument('--rounds', type=int, default=3, help='rounds per workload (default 3)')
     parser.add_argument('--quick', action='store_true', help='small sizes and short rounds: a ~30 s smoke run')
-    parser.add_argument('--only', metavar='WORKLOAD', default=','.join(WORKLOADS),
-                        help='comma-separated subset of: %s' % ', '.join(WORKLOADS))
+    parser.add_argument('--only', metavar='WORKLOAD',
+                        help='comma-separated subset of: %s (default: all, but scale on '
+                             'a backend other than file)' % ', '.join(WORKLOADS))
     parser.add_argument('--tyl-log-level', default='INFO',
                         help="TYL's LOG_LEVEL (default INFO, as shipped: one access line per request)")
+    parser.add_argument('--backend', choices=sorted(BACKENDS), default='file',
+                        help="TYL's store (default file, as shipped); the scale workload "
+                             'writes the file layout, so it runs on file only')
     parser.add_argument('--keep', action='store_true', help='keep the temporary work directory')
     parser.add_argument('--reference-server', metavar='PORT', type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference_server is not None:
         return run_reference_server(args.reference_server)
-    selected = set(w.strip() for w in args.only.split(',') if w.strip())
+    if args.only is None:
+        selected = set(WORKLOADS) - ({'scale'} if args.backend != 'file' else set())
+    else:
+        selected = set(w.strip() for w in args.only.split(',') if w.strip())
     unknown = selected - set(WORKLOADS)
     if unknown or not selected:
         parser.error('--only takes %s, not %s' % (', '.join(WORKLOADS), ', '.join(sorted(unknown)) or 'nothing'))
+    if args.backend != 'file' and 'scale' in selected:
+        parser.error('the scale workload writes the file backend\'s layout: leave it out of --only')
     if args.rounds < 1 or args.rounds > 50:
         parser.error('--rounds must be 1 to 50')
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
