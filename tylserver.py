@@ -904,9 +904,8 @@ class Environment(object):
         if reply.status != 200:
             holder = tylstore.lock_info(reply.body)
             raise Refusal(423, 'env %s is locked by %s (lock %s, %s); nothing was changed'
-                          % (self.name, _printable(str(holder.get('Who') or '?'))[:80],
-                             _printable(str(holder.get('ID') or '?'))[:80],
-                             _printable(str(holder.get('Operation') or '?'))[:40]))
+                          % (self.name, _lock_field(holder, 'Who'), _lock_field(holder, 'ID'),
+                             _lock_field(holder, 'Operation', 40)))
         try:
             yield lock_id
         finally:
@@ -2877,6 +2876,12 @@ def run_admin_command(args, plugins):
     return 1
 
 
+def _lock_field(lock, name, width=80):
+    """A LockInfo field as a message shows it: printable, cut to `width`,
+    '?' when missing."""
+    return _printable(str(lock.get(name) or '?'))[:width]
+
+
 def _environment_name(text):
     if not tylstore.ENVIRONMENT_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError('bad environment name %r: use 1 to 128 of '
@@ -2988,9 +2993,13 @@ def run_unlock(args, plugins):
     if reply.status != 200:
         holder = tylstore.lock_info(reply.body)
         raise Refusal(reply.status, 'env %s is locked by %s with lock %s, not %s; nothing was changed'
-                      % (args.env, _printable(str(holder.get('Who') or '?'))[:80],
-                         _printable(str(holder.get('ID') or '?'))[:80], _printable(args.lock_id)[:80]))
-    print('env %s is unlocked' % args.env)
+                      % (args.env, _lock_field(holder, 'Who'),
+                         _lock_field(holder, 'ID'), _printable(args.lock_id)[:80]))
+    if action == 'force-unlock' and lock:
+        print('env %s is unlocked: lock %s of %s released by force'
+              % (args.env, _lock_field(lock, 'ID'), _lock_field(lock, 'Who')))
+    else:
+        print('env %s is unlocked' % args.env)
     return 0
 
 

@@ -116,7 +116,8 @@ def test_unlock_with_the_wrong_id_names_the_holder(tyl_factory):
     assert (done.returncode, done.stdout) == (0, b'env app is unlocked\n')
     assert lock(server, 'app', lock_info('L2'))[0] == 200
     done = run(server, 'unlock', 'app')
-    assert (done.returncode, done.stdout) == (0, b'env app is unlocked\n')
+    assert (done.returncode, done.stdout) == (
+        0, b'env app is unlocked: lock L2 of alice@ci-01 released by force\n')
     assert lock(server, 'app', lock_info('L3'))[0] == 200     # released by force
 
     user = getpass.getuser()
