@@ -34,6 +34,7 @@ import socket
 import socketserver
 import ssl
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -71,9 +72,14 @@ def _check_int(low, high=None):
     return check
 
 
+# The longest wait a key may set; an infinite one would overflow the clock.
+MAX_SECONDS = 24 * 3600
+
+
 def _check_seconds(key, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError('%s must be a number of seconds above 0, not %r' % (key, value))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SECONDS:
+        raise ConfigError('%s must be a number of seconds above 0, up to %d, not %r'
+                          % (key, MAX_SECONDS, value))
     return value
 
 
@@ -287,8 +293,8 @@ CONFIG_KEYS = {
     'POSTGRES_POOL_SIZE': (8, _check_int(1)),
     'POSTGRES_CONNECT_TIMEOUT': (5, _check_seconds),
     'POSTGRES_STATEMENT_TIMEOUT': (30, _check_seconds),
-    'HISTORY_KEEP': (100, _check_int(0)),
-    'HISTORY_KEEP_DAYS': (0, _check_optional(_check_int(0))),
+    'HISTORY_KEEP': (100, _check_int(0, 1000000)),
+    'HISTORY_KEEP_DAYS': (0, _check_optional(_check_int(0, 36500))),
     'MAX_BODY_BYTES': (256 * 1024 * 1024, _check_int(1)),
     'FORCE_UNLOCK': (True, _check_bool),
     'REQUEST_TIMEOUT': (60, _check_seconds),
@@ -429,7 +435,8 @@ TEXT = 'text/plain; charset=utf-8'
 
 
 class Refusal(Exception):
-    """A request refused for a reason the client can fix: a 4xx, one line."""
+    """A request refused with a one-line reason: a 4xx the client can fix, or a
+    503 to try again."""
 
     def __init__(self, status, reason, close=False, headers=()):
         super().__init__(reason)
@@ -484,6 +491,8 @@ def parse_json_object(body, what):
         raise Refusal(400, '%s is not UTF-8' % what)
     except ValueError as error:
         raise Refusal(400, '%s is not valid JSON: %s' % (what, error))
+    except RecursionError:
+        raise Refusal(400, '%s is nested too deeply' % what)
     if not isinstance(value, dict):
         raise Refusal(400, '%s must be a JSON object, not %s' % (what, type(value).__name__))
     return value, text
@@ -516,6 +525,8 @@ def inspect_state(body, what='state'):
         raise Refusal(400, '%s is not UTF-8' % what)
     except ValueError as error:
         raise Refusal(400, '%s is not valid JSON: %s' % (what, error))
+    except RecursionError:
+        raise Refusal(400, '%s is nested too deeply' % what)
     return {key: value for key, value in found if isinstance(value, (str, int, float))}
 
 
@@ -549,11 +560,14 @@ def _hash(body, digests):
 
 
 def _version_metadata(body, top, holder, sha256=None):
-    """What a backend keeping history records of an accepted write."""
+    """What a backend keeping history records of an accepted write: a
+    serial or lineage of another type than Terraform's is recorded as null
+    (1e400 would be a float infinity, which JSON cannot carry)."""
     holder = tylstore.lock_info(holder)
+    serial, lineage = top.get('serial'), top.get('lineage')
     return {
-        'serial': top.get('serial'),
-        'lineage': top.get('lineage'),
+        'serial': serial if _whole_number(serial) else None,
+        'lineage': lineage if isinstance(lineage, str) else None,
         'size': len(body),
         'sha256': sha256 or hashlib.sha256(body).hexdigest(),
         'created': time.strftime(tylstore.CREATED_FORMAT, time.gmtime()),
@@ -1340,11 +1354,11 @@ class Access(object):
             raise self.challenge('malformed Basic credentials')
         user, password = credentials
         pair = (user, address)
+        self._refuse_while_waiting(pair)
+        if self.known_password(user, password.encode('utf-8')):
+            return user     # never queued behind the checks of others' guesses
         with self.failures.turn(pair):
-            wait = math.ceil(self.failures.wait(pair))
-            if wait:
-                raise Refusal(429, 'too many failed logins; try again in %d s' % wait,
-                              headers=[('Retry-After', str(wait))])
+            self._refuse_while_waiting(pair)    # a failure may have come meanwhile
             if self.check_password(user, password.encode('utf-8')):
                 self.failures.forget(pair)
                 return user
@@ -1356,22 +1370,43 @@ class Access(object):
     def challenge(self, reason):
         return Refusal(401, reason, headers=[self.CHALLENGE])
 
+    def _refuse_while_waiting(self, pair):
+        """429 while `pair` must wait after failed attempts."""
+        wait = math.ceil(self.failures.wait(pair))
+        if wait:
+            raise Refusal(429, 'too many failed logins; try again in %d s' % wait,
+                          headers=[('Retry-After', str(wait))])
+
+    def known_password(self, user, password):
+        """Whether (user, password) was verified already.  A pair once
+        verified is remembered as a digest keyed by a secret of this
+        process, so the many requests of one Terraform run cost one hash,
+        not one each; nothing else is remembered, so the memory this takes
+        is bounded by the number of users."""
+        return self._verified_digest(user, password) in self._verified
+
+    def _verified_digest(self, user, password):
+        return hmac.new(self._key, user.encode('utf-8') + b':' + password, 'sha256').digest()
+
     def check_password(self, user, password):
         """Constant-time, and an unknown user costs one hash, as a wrong
-        password does.  A pair once verified is remembered as a digest keyed
-        by a secret of this process, so the many requests of one Terraform
-        run cost one hash, not one each; nothing else is remembered, so the
-        memory this takes is bounded by the number of users."""
-        verified = hmac.new(self._key, user.encode('utf-8') + b':' + password, 'sha256').digest()
-        if verified in self._verified:
+        password does.  When CHECKS_AT_ONCE checks are running for a second
+        already (a flood of guesses), the request gets 503 at once rather
+        than a place in a queue that would hold its thread and connection."""
+        if self.known_password(user, password):
             return True
         if self.decoy is None:
             return False
         expected = self.users.get(user)
-        with self.checking:
+        if not self.checking.acquire(timeout=1):
+            raise Refusal(503, 'too many password checks under way; try again',
+                          headers=[('Retry-After', '1')])
+        try:
             matches = (expected or self.decoy).matches(password)
+        finally:
+            self.checking.release()
         if matches and expected is not None:
-            self._verified.add(verified)
+            self._verified.add(self._verified_digest(user, password))
             return True
         return False
 
@@ -1488,12 +1523,13 @@ def resource_diff(old, new):
 
 def dashboard_environment_names(server):
     """The environments the dashboard lists: those the backend has stored,
-    when it can list them, and those served since start, less the one the
-    health check reads."""
+    when it can list them (a name only read, or mistyped, is not one), else
+    those served since start; never the one the health check reads."""
     plugins = server.environments.plugins
-    names = {name for name, _ in server.environments.snapshot()}
     if plugins.backend_class.supports('list_environments'):
-        names.update(plugins.backend_class.list_environments(plugins.constants))
+        names = set(plugins.backend_class.list_environments(plugins.constants))
+    else:
+        names = {name for name, _ in server.environments.snapshot()}
     names.discard(HEALTH_ENVIRONMENT)
     return sorted(name for name in names if tylstore.ENVIRONMENT_NAME.fullmatch(name))
 
@@ -1715,7 +1751,9 @@ def render_environment_page(server, environment, token, chosen):
     if held and token:
         parts.append(_force_unlock_form(environment.name, token))
     parts.append(Markup('<h2>History</h2>'))
-    if environment.keeps_history():
+    if environment.keeps_history() and not environment.plugins.constants.HISTORY_KEEP:
+        parts.append(Markup('<p>History is off: <code>HISTORY_KEEP: 0</code>.</p>'))
+    elif environment.keeps_history():
         versions = environment.versions()
         parts += [_history_table(versions), Markup('<h2>Changes</h2>'),
                   _comparison(environment, versions, chosen)]
@@ -1776,10 +1814,13 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
     # names, or on at least one when it names none, as the status page.
     PERMISSIONS = {'read_state': 'read', 'write_state': 'write', 'lock': 'write', 'unlock': 'write',
                    'delete_state': 'admin', 'show_status': 'admin', 'show_history': 'read',
-                   'restore_version': 'admin', 'show_metrics': 'admin', 'show_dashboard': 'read',
+                   'restore_version': 'admin', 'show_dashboard': 'read',
                    'show_dashboard_environment': 'read', 'force_unlock_from_dashboard': 'admin'}
     # Open to anyone: they reveal no environment, for load balancers and probes.
     OPEN_ACTIONS = ('show_health',)
+    # Open to any user who logs in: they reveal no environment, and a
+    # metrics scraper needs no rights on any.
+    USER_ACTIONS = ('show_metrics',)
     # The actions that change a state, as AUDIT_LOG names them; an UNLOCK
     # with an empty body is a force-unlock.
     AUDITED_ACTIONS = {'write_state': 'write', 'delete_state': 'delete', 'lock': 'lock',
@@ -1828,6 +1869,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         authorize, reply, log it."""
         started = time.monotonic()
         self.environment_name = self.lock_id = self.user = None
+        self.released_lock = {}     # what a force-unlock found held, for the audit
         action, body = None, b''
         with self.server.request_in_flight():
             try:
@@ -1835,12 +1877,11 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
                 action = self.ROUTES.get(url.path, {}).get(self.command)
                 if action not in self.OPEN_ACTIONS:
                     self.user = self.authenticate()
+                self.check_before_body(action, url)
+                self.send_continue()
                 body = self.read_body()
-                if action is None:
-                    self.refuse_route(url.path)
-                self.query = self.parse_query(url.query)
-                if action not in self.OPEN_ACTIONS:
-                    self.authorize(action, body)
+                if action == 'unlock' and not body.strip():
+                    self.authorize(action, body)    # a force-unlock
                 reply = getattr(self, action)(body)
                 headers = [('Content-MD5', reply.content_md5)] if reply.content_md5 else []
             except Refusal as refusal:
@@ -1890,6 +1931,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
     def parse_request(self):
         """http.server's parsing, less HTTP/0.9: a request line without a
         version would get an answer without a status line or headers."""
+        self.expects_continue = False
         if not super().parse_request():
             return False
         if len(self.requestline.split()) != 3:
@@ -1899,6 +1941,21 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True    # closed to make room meanwhile
             return False
         return True
+
+    def handle_expect_100(self):
+        """Defer `Expect: 100-continue` to `send_continue`: a request refused
+        on its headers gets its final answer instead, and its body is never
+        sent."""
+        self.expects_continue = True
+        return True
+
+    def send_continue(self):
+        """The deferred 100 Continue, flushed at once: the buffered writer
+        would hold it until the reply, and curl waits a second for it."""
+        if self.expects_continue:
+            self.send_response_only(100)
+            self.end_headers()
+            self.wfile.flush()
 
     # -- the actions --------------------------------------------------------
 
@@ -1922,7 +1979,10 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def unlock(self, body):
         self.lock_id = _lock_id_of_body(body) or 'force'
-        return self.environment().unlock(body)
+        environment = self.environment()
+        if not body.strip():
+            self.released_lock = tylstore.lock_info(environment.lock_holder())
+        return environment.unlock(body)
 
     def show_history(self, body):
         return self.environment().history()
@@ -1973,6 +2033,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         self.lock_id = 'force'
         environment = self.environment()
         self.check_form(body, 'force-unlock')
+        self.released_lock = tylstore.lock_info(environment.lock_holder())
         environment.force_unlock()
         return Reply(303, b'', None)
 
@@ -2030,9 +2091,13 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         name = self.query_value('env')
         if name is None:
             raise Refusal(400, 'missing ?env=NAME')
+        if not name:
+            raise Refusal(400, 'empty ?env=: name an environment')
         if not tylstore.ENVIRONMENT_NAME.fullmatch(name):
             raise Refusal(400, 'bad environment name %s: use 1 to 128 of A-Z a-z 0-9 . _ -, '
                                'starting with a letter or digit' % _printable(name)[:140])
+        if name == HEALTH_ENVIRONMENT:
+            raise Refusal(400, 'env %s is reserved for /health' % name)
         self.environment_name = name
         return name
 
@@ -2055,13 +2120,31 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
             refusal.close = refusal.close or self.announces_body()
             raise
 
-    def authorize(self, action, body):
+    def check_before_body(self, action, url):
+        """Refuse what the request line and headers condemn already: an
+        unknown route, a bad query, a body sent to /health, a user without
+        the level the action needs.  The body is then never read, however
+        large, and the connection is closed."""
+        try:
+            if action is None:
+                self.refuse_route(url.path)
+            self.query = self.parse_query(url.query)
+            if action in self.OPEN_ACTIONS and self.announces_body():
+                raise Refusal(400, '%s %s takes no body' % (self.command, url.path))
+            if action not in self.OPEN_ACTIONS + self.USER_ACTIONS:
+                self.authorize(action)
+        except Refusal as refusal:
+            refusal.close = refusal.close or self.announces_body()
+            raise
+
+    def authorize(self, action, body=None):
         """403 unless the user holds the level `action` needs; an UNLOCK with
-        an empty body is a force-unlock, and needs admin."""
+        an empty `body` is a force-unlock, and needs admin."""
         access = self.server.access
         if not access.required:
             return
-        level = 'admin' if action == 'unlock' and not body.strip() else self.PERMISSIONS[action]
+        level = 'admin' if action == 'unlock' and body is not None and not body.strip() \
+            else self.PERMISSIONS[action]
         name = self.environment_name_of_query() if 'env' in self.query else None
         if not access.allows(self.user, level, name):
             raise Refusal(403, 'user %s has no %s access to %s' % (
@@ -2198,10 +2281,11 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
     def audit(self, action, body, reply):
         """The AUDIT_LOG line of a request to change a state.  The lock is
         the one the request names: LockInfo for LOCK and UNLOCK, ?ID= else,
-        none for a force-unlock (Terraform's, or the dashboard's form)."""
+        and for a force-unlock (Terraform's, or the dashboard's form) the
+        one it found held."""
         name = self.AUDITED_ACTIONS[action]
         if name == 'force-unlock' or action == 'unlock' and not body.strip():
-            name, lock = 'force-unlock', {}
+            name, lock = 'force-unlock', self.released_lock
         elif action in ('lock', 'unlock'):
             lock = tylstore.lock_info(body)
         else:
@@ -2772,6 +2856,42 @@ BACKEND_DATA_PATHS = {
 HOME_DIRECTORIES = ('/home/', '/root/', '/run/user/')
 
 
+def written_directories(constants):
+    """(key, directory) for each directory the configured built-in backend,
+    AUDIT_LOG and LOG_FILE write in; a plugin's own are not known."""
+    module = constants.BACKEND_CLASS.rpartition('.')[0]
+    found = [(key, os.path.dirname(getattr(constants, key)) if is_file else getattr(constants, key))
+             for key, is_file in BACKEND_DATA_PATHS.get(module, [])]
+    found += [(key, os.path.dirname(getattr(constants, key)))
+              for key in ('AUDIT_LOG', 'LOG_FILE') if getattr(constants, key)]
+    return [(key, os.path.normpath(directory)) for key, directory in found]
+
+
+def check_before_start(constants):
+    """Stop start-up, and --check-config, naming the key, for what the
+    config's values are wrong about: TLS files that do not load, a log that
+    is a directory, a directory where the server could not write.  Reads of
+    a missing directory answer "no state", so /health and every GET would
+    pass while each LOCK failed.  A temporary file is created and removed
+    in the directory, or in its nearest existing parent when it is still to
+    be made, which finds what permissions alone do not (a read-only mount,
+    /proc, a full quota)."""
+    if constants.USE_SSL:
+        _ssl_context(constants)
+    for key in ('AUDIT_LOG', 'LOG_FILE'):
+        if getattr(constants, key) and os.path.isdir(getattr(constants, key)):
+            raise ConfigError('%s: %s is a directory, not a file' % (key, getattr(constants, key)))
+    for key, directory in written_directories(constants):
+        existing = directory
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        try:
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as error:
+            raise ConfigError('%s: cannot write %s: no file can be created in %s (%s)'
+                              % (key, directory, existing, error.strerror or error))
+
+
 def _unit_word(text, exec_line=False):
     """`text` as one word of a unit file line: % (and $ on Exec lines)
     escaped, quoted when it holds blanks, quotes or backslashes."""
@@ -2796,18 +2916,22 @@ def run_systemd_unit(args, plugins):
     if config is None:
         raise ConfigError('systemd-unit needs the config file the service will read: there is '
                           'none at %s; pass --config PATH' % DEFAULT_CONFIG_PATH)
-    module = constants.BACKEND_CLASS.rpartition('.')[0]
-    notes, writable = [], []
-    for key, is_file in BACKEND_DATA_PATHS.get(module, []):
-        path = getattr(constants, key)
-        writable.append(os.path.dirname(path) if is_file else path)
-    if module not in BACKEND_DATA_PATHS:
+    notes = []
+    if constants.BACKEND_CLASS.rpartition('.')[0] not in BACKEND_DATA_PATHS:
         notes.append('# BACKEND_CLASS %s: add the directories it writes to ReadWritePaths.'
                      % constants.BACKEND_CLASS)
-    writable += [os.path.dirname(path) for path in (constants.AUDIT_LOG, constants.LOG_FILE) if path]
-    writable = list(OrderedDict.fromkeys(os.path.normpath(path) for path in writable))
+    writable = list(OrderedDict.fromkeys(directory for _, directory in written_directories(constants)))
     program = [os.path.abspath(sys.executable), os.path.abspath(__file__), '--config', config]
-    in_home = any((path + '/').startswith(HOME_DIRECTORIES) for path in program + writable)
+    # A virtual environment's python is a link to the interpreter it was made from.
+    paths = [os.path.realpath(sys.executable)] + program[:2] + [config] + writable
+    in_home = [path for path in paths if (path + '/').startswith(HOME_DIRECTORIES)]
+    in_tmp = [path for path in paths if (path + '/').startswith(('/tmp/', '/var/tmp/'))]
+    if in_home:
+        notes.append('# WARNING: under a home directory, which user %s must be able to enter: %s'
+                     % (args.user, ', '.join(OrderedDict.fromkeys(in_home))))
+    if in_tmp:
+        notes.append('# WARNING: PrivateTmp=true hides these from the service; install and keep '
+                     'the data elsewhere: %s' % ', '.join(OrderedDict.fromkeys(in_tmp)))
     lines = [
         '# Made by `tylserver.py systemd-unit` for %s.' % config,
         '# Create the ReadWritePaths directories, owned by %s, before starting.' % args.user,
@@ -2856,15 +2980,24 @@ def run_systemd_unit(args, plugins):
         lines.append('CapabilityBoundingSet=')
     lines += ['', '[Install]', 'WantedBy=multi-user.target']
     print('\n'.join(lines))
+    for note in notes:
+        if note.startswith('# WARNING'):
+            print('tylserver: %s' % note[2:], file=sys.stderr)
     return 0
 
 
 def run_admin_command(args, plugins):
     """Run the command `args` names; a refusal, a file it cannot read or
     write, or a backend's error, is one line on standard error and exit
-    status 1."""
+    status 1.  Output piped to a reader that stopped reading (`| head`)
+    ends the command quietly, with the shell's status for SIGPIPE."""
     try:
-        return args.run(args, plugins)
+        status = args.run(args, plugins)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
+        return 128 + signal.SIGPIPE
     except Refusal as refusal:
         print('tylserver: %s' % refusal.reason, file=sys.stderr)
     except OSError as error:
@@ -2886,6 +3019,8 @@ def _environment_name(text):
     if not tylstore.ENVIRONMENT_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError('bad environment name %r: use 1 to 128 of '
                                          'A-Z a-z 0-9 . _ -, starting with a letter or digit' % text)
+    if text == HEALTH_ENVIRONMENT:
+        raise argparse.ArgumentTypeError('env %s is reserved for the health check' % text)
     return text
 
 
@@ -2956,10 +3091,13 @@ def run_envs(args, plugins):
 
 
 def _environment_line(environment):
-    holder = tylstore.lock_info(environment.lock_holder())
+    """An `envs` row; a lock without a Who shows as '?' and its ID."""
+    held = environment.lock_holder()
+    holder = tylstore.lock_info(held)
+    who = holder.get('Who') or ('? (ID %s)' % (holder.get('ID') or '?') if held else None)
     state = environment.read().body
     versions = environment.versions() if environment.keeps_history() else []
-    return (environment.name, holder.get('Who'), holder.get('Created'),
+    return (environment.name, who, holder.get('Created'),
             parse_stored(inspect_state, state, 'state').get('serial') if state else None,
             len(state) if state else None, versions[0]['created'] if versions else None)
 
@@ -3124,6 +3262,8 @@ def main(argv=None):
     try:
         constants = load_config(args.config)
         serving = not (args.check_config or args.run)
+        if not args.run:
+            check_before_start(constants)
         log_file = LogFile(constants.LOG_FILE) if serving and constants.LOG_FILE else None
         logging.basicConfig(level=constants.LOG_LEVEL, handlers=[log_file or logging.StreamHandler()],
                             format='%(asctime)s %(levelname)s %(message)s')

@@ -95,6 +95,19 @@ class BackendUnavailable(Exception):
         self.retry_after = retry_after
 
 
+class LockChanged(BackendUnavailable):
+    """Raised by a store_tfstate that, checking the lock again as it stores,
+    finds another than the one the server saw (`holder_id`): a server
+    process sharing the storage released or took the lock meanwhile.
+    Nothing is stored; the 503 makes Terraform retry, and the retry gets
+    the answer for the new lock (423 or 409)."""
+
+    def __init__(self, environment):
+        super().__init__('the lock of env %s changed while this write was on its way; nothing '
+                         'was stored, and a retry gets the answer for the new lock' % environment,
+                         retry_after=1)
+
+
 class TYLPersistent(abc.ABC):
     """A store for one environment's state and lock.
 
@@ -411,11 +424,11 @@ class DeliveryQueue(object):
 
 def lock_info(lock):
     """A stored lock (text, bytes or dict) as a dict; {} when there is none
-    or it is not a JSON object."""
+    or it is not a JSON object (nor one Python can parse: too deeply nested)."""
     if isinstance(lock, (str, bytes)):
         try:
             lock = json.loads(lock) if lock else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             return {}
     return lock if isinstance(lock, dict) else {}
 

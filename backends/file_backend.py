@@ -2,6 +2,7 @@
 
     FILE_DATA_PATH/<environment>/terraform.tfstate     the state, as received
     FILE_DATA_PATH/<environment>/lock.json             the lock, while held
+    FILE_DATA_PATH/<environment>/.flock                empty: see below
     FILE_DATA_PATH/<environment>/history/<N>.tfstate   version N of the state
     FILE_DATA_PATH/<environment>/history/<N>.json      its metadata (serial,
                                                        lineage, size, sha256,
@@ -9,7 +10,11 @@
 
 Every change is atomic and durable before the server answers (see
 `tylstore.write_file_durably`), and taking the lock is an exclusive create,
-so two server processes sharing FILE_DATA_PATH exclude each other.
+so two server processes sharing FILE_DATA_PATH exclude each other.  Each
+change of the lock, and each state write from its check of the lock to its
+last fsync, holds an flock on the environment's empty .flock file: a write whose
+lock another process released or took since its server checked it stores
+nothing (tylstore.LockChanged).
 Directories are 0700 and files 0600: state holds secrets.
 
 Every state stored is also version N, numbered from 1 up, and the state
@@ -38,7 +43,9 @@ A change that fails (a full disk, a file in the way) removes the files it
 created before its error reaches the server.
 """
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -46,9 +53,8 @@ import stat
 import time
 import uuid
 
-from tylstore import (ENVIRONMENT_NAME, TEMPORARY_PREFIX, TYLPersistent, fsync_path,
-                      history_cutoff, lock_id, read_all, write_all, write_file_durably,
-                      write_temporary_file)
+from tylstore import (ENVIRONMENT_NAME, TEMPORARY_PREFIX, LockChanged, TYLPersistent, fsync_path,
+                      history_cutoff, lock_id, read_all, write_all, write_temporary_file)
 
 # A version's number as it names its files: no sign, no leading zero, so
 # one number has one name.
@@ -76,6 +82,7 @@ class FileBackend(TYLPersistent):
         self.directory = os.path.join(self.root, environment)
         self.state_path = os.path.join(self.directory, constants.TFSTATE_FILE_NAME)
         self.lock_path = os.path.join(self.directory, 'lock.json')
+        self.flock_path = os.path.join(self.directory, '.flock')
         self.history = os.path.join(self.directory, 'history')
         self.constants = constants
         # The newest version this instance stored (see _known_versions).
@@ -93,14 +100,38 @@ class FileBackend(TYLPersistent):
         try:
             return write(path, data)
         except FileNotFoundError:
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
-            for directory, parent in ((self.directory, self.root), (self.history, self.directory)):
-                try:
-                    os.mkdir(directory, 0o700)
-                except FileExistsError:
-                    continue
-                self._unsynced.add(parent)
+            self._make_directories()
             return write(path, data)
+
+    def _make_directories(self):
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        for directory, parent in ((self.directory, self.root), (self.history, self.directory)):
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                continue
+            self._unsynced.add(parent)
+
+    @contextlib.contextmanager
+    def _exclusive(self, create=True):
+        """Hold the flock of the environment's .flock file for the block
+        (see the module's docstring); yield False, holding nothing, when
+        the environment's directory does not exist and `create` is false.
+        A file, not the directory, since NFS takes an exclusive flock only
+        on a file open for writing."""
+        try:
+            fd = os.open(self.flock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            if not create:
+                yield False
+                return
+            self._make_directories()
+            fd = os.open(self.flock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield True
+        finally:
+            os.close(fd)
 
     def _sync_directories(self, *directories):
         """fsync `directories`, and those where a directory was created, as
@@ -123,22 +154,24 @@ class FileBackend(TYLPersistent):
 
     def set_locked(self, state_obj, **kwargs):
         data = self._dump('lock', kwargs['raw_bytes'])
-        created = self._in_directory(_create_new, self.lock_path, data)
-        if created is None and self._remove_empty_lock():
+        with self._exclusive():
             created = _create_new(self.lock_path, data)
-        if created is None:
-            return False
-        _fsync_new(created, self.lock_path)
-        self._sync_directories(self.directory)
-        return True
+            if created is None and self._remove_empty_lock():
+                created = _create_new(self.lock_path, data)
+            if created is None:
+                return False
+            _fsync_new(created, self.lock_path)
+            self._sync_directories(self.directory)
+            return True
 
     def set_unlocked(self, state_obj, **kwargs):
         """Remove the lock; with an ID in `state_obj`, only that holder's."""
         wanted = state_obj.get('ID')
-        if wanted and lock_id(self._load('lock', self.lock_path)) != wanted:
-            return False
-        return self._remove_if(
-            self.lock_path, lambda path: not wanted or lock_id(self._load('lock', path)) == wanted)
+        with self._exclusive(create=False) as held:
+            if not held or wanted and lock_id(self._load('lock', self.lock_path)) != wanted:
+                return False
+            return self._remove_if(
+                self.lock_path, lambda path: not wanted or lock_id(self._load('lock', path)) == wanted)
 
     def _remove_empty_lock(self):
         """Remove lock.json if it is empty and old: see the module's docstring."""
@@ -183,22 +216,39 @@ class FileBackend(TYLPersistent):
         if not self._crash_leftovers_removed:
             self._remove_crash_leftovers()
         data = self._dump('state', kwargs['raw_bytes'])
-        if not self.constants.HISTORY_KEEP:
-            self._in_directory(write_file_durably, self.state_path, data)
-            self._sync_directories()
-            return
         written = self._in_directory(write_temporary_file, self.directory, data)
+        try:
+            with self._exclusive():
+                self._check_holder(kwargs.get('holder_id'))
+                if not self.constants.HISTORY_KEEP:
+                    os.replace(written, self.state_path)
+                    self._sync_directories(self.directory)
+                    return None
+                return self._store_version(written, kwargs['metadata'])
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):   # not renamed into place
+                os.unlink(written)
+            raise
+
+    def _check_holder(self, holder_id):
+        """Raise LockChanged unless the lock is still the one the server saw
+        (`holder_id`, '' for none; None when the caller checked nothing)."""
+        if holder_id is not None and lock_id(self._load('lock', self.lock_path)) != holder_id:
+            raise LockChanged(self.environment)
+
+    def _store_version(self, written, metadata):
+        """Make the fsynced file `written` the state and its newest version;
+        return the os.stat of the version (see open_tfstate's contract)."""
         description = None
         try:
             known = self._known_versions()
             first = max(known, default=0) + 1
-            number, description = self._add_version(written, kwargs['metadata'], first)
+            number, description = self._add_version(written, metadata, first)
             os.replace(written, self.state_path)
         except BaseException:
             if description is not None:  # a version of a state never stored
                 os.close(description)
                 self._unlink_version(number)
-            os.unlink(written)
             raise
         if number != first:  # another process wrote meanwhile
             known = [claimed for claimed in self._claimed(self._history_names()) if claimed < number]

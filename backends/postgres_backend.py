@@ -18,7 +18,7 @@ one PostgreSQL that has its own replication.  What makes that safe:
   re-reads the lock row FOR SHARE and checks it is still the lock the
   server checked (`holder_id`).  An unlock through another server
   then waits for the write to commit, and a write whose lock went away in
-  between stores nothing: BackendUnavailable, a 503, whose retry gets the
+  between stores nothing: LockChanged, a 503, whose retry gets the
   definitive 409 or 423.
 - Whatever keeps the database out of reach (refused or timed-out connection,
   a connection lost, a server shutting down or starting up, a statement or
@@ -57,7 +57,8 @@ except ImportError as error:
     raise ImportError("postgres_backend needs psycopg 3: "
                       "python3 -m pip install 'psycopg[binary]'") from error
 
-from tylstore import CREATED_FORMAT, BackendUnavailable, TYLPersistent, history_cutoff, lock_id
+from tylstore import (CREATED_FORMAT, BackendUnavailable, LockChanged, TYLPersistent, history_cutoff,
+                      lock_id)
 
 # Failures that say the database is out of reach for now, not that a
 # request or the schema is wrong.
@@ -148,9 +149,7 @@ class PostgresBackend(TYLPersistent):
                 held = db.execute('SELECT id FROM tflock WHERE environment = %s FOR SHARE',
                                   (self.environment,)).fetchone()
                 if (held[0] if held else '') != holder_id:
-                    raise BackendUnavailable(
-                        'the lock of env %s changed while this write was on its way; nothing '
-                        'was stored, and a retry gets the answer for the new lock' % self.environment)
+                    raise LockChanged(self.environment)
             db.execute('INSERT INTO tfstate (environment, state) VALUES (%s, %b) '
                        'ON CONFLICT (environment) DO UPDATE SET state = EXCLUDED.state',
                        (self.environment, body))

@@ -12,7 +12,8 @@ WAL mode and used with synchronous=FULL, so every change is on disk before
 the server answers and readers never wait for a writer.  Each change is one
 transaction, so a crash leaves the old value or the new, and taking
 the lock is a single INSERT OR IGNORE, so several server processes on this
-host sharing the file exclude each other.  The file is created 0600 (SQLite
+host sharing the file exclude each other; a write checks, in its
+transaction, that the lock is still the one its server saw.  The file is created 0600 (SQLite
 gives its -wal and -shm files the same mode): state holds secrets.  SQLite
 limits a BLOB to 1 GB, far above MAX_BODY_BYTES.
 
@@ -32,7 +33,7 @@ import sqlite3
 import tempfile
 import threading
 
-from tylstore import TYLPersistent, create_file_durably, history_cutoff, lock_id
+from tylstore import LockChanged, TYLPersistent, create_file_durably, history_cutoff, lock_id
 
 # Seconds a statement waits for another connection's write before failing
 # with "database is locked"; one write of a large state can take seconds.
@@ -104,9 +105,14 @@ class SQLiteBackend(TYLPersistent):
         return info.decode('utf-8') if info is not None else ''
 
     def store_tfstate(self, tfstate_obj, **kwargs):
-        """One transaction: never half a state, never a state without its version."""
-        state = kwargs['raw_bytes']
+        """One transaction: never half a state, never a state without its
+        version, and never a state stored after another server process on
+        the database changed the lock the server saw (`holder_id`)."""
+        state, holder_id = kwargs['raw_bytes'], kwargs.get('holder_id')
         with _transaction(self.db) as db:
+            if holder_id is not None and holder_id != (self._value(
+                    'SELECT id FROM tflock WHERE environment = ?') or ''):
+                raise LockChanged(self.environment)
             db.execute('INSERT OR REPLACE INTO tfstate (environment, state) VALUES (?, ?)',
                        (self.environment, state))
             if self.constants.HISTORY_KEEP:

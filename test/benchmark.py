@@ -23,9 +23,13 @@ Workloads (--only takes a comma-separated list of these names):
   envs        500 environments, one POST and one GET each: seconds, memory after
   contention  16 clients fighting for one environment's lock; no two may hold it
   scale       10,000 environments on disk: TYL start-up and memory after one GET each
+  storage     the file backend called directly, no HTTP: ms per LOCK, state write and
+              UNLOCK, and per new environment's first write and read (the floor under
+              apply and envs)
 
 This file is not a test module: pytest collects only test_*.py, and nothing
-imports it.  Standard library only.
+imports it.  Standard library only, but for the storage workload, which
+imports TYL's own modules and so needs PyYAML as TYL does.
 """
 
 import argparse
@@ -56,7 +60,9 @@ LISTENING = re.compile(r'listening on http://127\.0\.0\.1:(\d+)/')
 HOST = '127.0.0.1'
 MB = 1024 * 1024
 
-WORKLOADS = ('apply', 'get', 'bigstate', 'envs', 'contention', 'scale')
+WORKLOADS = ('apply', 'get', 'bigstate', 'envs', 'contention', 'scale', 'storage')
+# The workloads that lay out or call the file backend themselves.
+FILE_ONLY = {'scale', 'storage'}
 
 
 # --------------------------------------------------------------------------
@@ -787,6 +793,48 @@ def contention(server, clients, state, seconds, tag):
             'unexpected': len(tallies['unexpected'])}
 
 
+def storage_costs(data_path, state, cycles, env_count):
+    """The file backend's own cost, called directly as the server calls it:
+    ms per LOCK, state write and UNLOCK (history on), per state write with
+    HISTORY_KEEP 0, and per first write and read of a new environment."""
+    sys.path[:0] = [ROOT, os.path.join(ROOT, 'backends')]
+    import tylserver
+    from file_backend import FileBackend
+
+    def backend(name, **settings):
+        environ = dict({'TYL_FILE_DATA_PATH': data_path},
+                       **{'TYL_' + key: str(value) for key, value in settings.items()})
+        return FileBackend(name, tylserver.load_config(None, environ))
+
+    metadata = {'serial': 1, 'lineage': 'bench', 'size': len(state), 'sha256': '', 'created': '',
+                'lock_id': '', 'who': ''}
+    totals = {'LOCK': 0.0, 'write': 0.0, 'UNLOCK': 0.0, 'write, no history': 0.0}
+    with_history, without = backend('storage'), backend('storage-nohistory', HISTORY_KEEP=0)
+    for number in range(cycles + 20):          # the first 20 warm up
+        info = lock_info(str(uuid.uuid4()))
+        lock = json.loads(info)
+        steps = [('LOCK', lambda: with_history.set_locked(lock, raw=info.decode(), raw_bytes=info)),
+                 ('write', lambda: with_history.store_tfstate(None, raw_bytes=state, metadata=metadata,
+                                                              holder_id=lock['ID'])),
+                 ('UNLOCK', lambda: with_history.set_unlocked(lock, raw=info.decode(), raw_bytes=info)),
+                 ('write, no history', lambda: without.store_tfstate(None, raw_bytes=state,
+                                                                      metadata=metadata, holder_id=''))]
+        for name, step in steps:
+            started = time.perf_counter()
+            step()
+            if number >= 20:
+                totals[name] += time.perf_counter() - started
+    figures = {name: total * 1000 / cycles for name, total in totals.items()}
+    started = time.perf_counter()
+    for number in range(env_count):
+        fresh = backend('storage-new-%d' % number)
+        fresh.store_tfstate(None, raw_bytes=state, metadata=metadata, holder_id='')
+        with fresh.open_tfstate() as stream:
+            stream.read()
+    figures['new env'] = (time.perf_counter() - started) * 1000 / env_count
+    return figures
+
+
 def populate_file_backend(data_path, count, state):
     """Write FILE_DATA_PATH/<env>/terraform.tfstate directly, as the file backend lays it out."""
     os.makedirs(data_path, mode=0o700, exist_ok=True)
@@ -998,6 +1046,20 @@ class Bench(object):
         self.row(label, 'RSS MB after one GET each (ref: after POSTs)', fmt(rss),
                  fmt(med(res['reference']['RSS after MB'])), '< 100 MB', rss < 100)
 
+    def run_storage(self):
+        data_path = os.path.join(self.workdir, 'storage-data')
+        cycles = 40 if self.quick else 400
+        print('\n## the file backend alone, %d cycles in %s' % (cycles, data_path), flush=True)
+        figures = storage_costs(data_path, self.small_state, cycles, self.env_count)
+        print('  ' + '  '.join('%s %.3f ms' % item for item in figures.items()), flush=True)
+        cycle = figures['LOCK'] + figures['write'] + figures['UNLOCK']
+        self.row('file backend alone', 'LOCK / write / UNLOCK ms', '%s / %s / %s' % (
+            fmt(figures['LOCK']), fmt(figures['write']), fmt(figures['UNLOCK'])), '', '', None)
+        self.row('file backend alone', 'cycle ms (no history)', '%s (%s)' % (
+            fmt(cycle), fmt(cycle - figures['write'] + figures['write, no history'])), '', '', None)
+        self.row('file backend alone', 'new env: first write + read ms', fmt(figures['new env']),
+                 '', '', None)
+
     def ratio_row(self, res, workload, field, target):
         tyl, ref = res['TYL'][field], res['reference'][field]
         r = med([ratio(a, b) for a, b in zip(tyl, ref)])
@@ -1021,6 +1083,8 @@ class Bench(object):
             self.run_many_envs()
         if 'scale' in selected:
             self.run_scale()
+        if 'storage' in selected:
+            self.run_storage()
         self.print_table()
 
     def print_table(self):
@@ -1064,27 +1128,28 @@ def main(argv=None):
     parser.add_argument('--rounds', type=int, default=3, help='rounds per workload (default 3)')
     parser.add_argument('--quick', action='store_true', help='small sizes and short rounds: a ~30 s smoke run')
     parser.add_argument('--only', metavar='WORKLOAD',
-                        help='comma-separated subset of: %s (default: all, but scale on '
-                             'a backend other than file)' % ', '.join(WORKLOADS))
+                        help='comma-separated subset of: %s (default: all, but scale and '
+                             'storage on a backend other than file)' % ', '.join(WORKLOADS))
     parser.add_argument('--tyl-log-level', default='INFO',
                         help="TYL's LOG_LEVEL (default INFO, as shipped: one access line per request)")
     parser.add_argument('--backend', choices=sorted(BACKENDS), default='file',
-                        help="TYL's store (default file, as shipped); the scale workload "
-                             'writes the file layout, so it runs on file only')
+                        help="TYL's store (default file, as shipped); the scale and storage "
+                             'workloads run on file only')
     parser.add_argument('--keep', action='store_true', help='keep the temporary work directory')
     parser.add_argument('--reference-server', metavar='PORT', type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference_server is not None:
         return run_reference_server(args.reference_server)
     if args.only is None:
-        selected = set(WORKLOADS) - ({'scale'} if args.backend != 'file' else set())
+        selected = set(WORKLOADS) - (FILE_ONLY if args.backend != 'file' else set())
     else:
         selected = set(w.strip() for w in args.only.split(',') if w.strip())
     unknown = selected - set(WORKLOADS)
     if unknown or not selected:
         parser.error('--only takes %s, not %s' % (', '.join(WORKLOADS), ', '.join(sorted(unknown)) or 'nothing'))
-    if args.backend != 'file' and 'scale' in selected:
-        parser.error('the scale workload writes the file backend\'s layout: leave it out of --only')
+    if args.backend != 'file' and FILE_ONLY & selected:
+        parser.error('%s work on the file backend only: leave them out of --only'
+                     % ', '.join(sorted(FILE_ONLY)))
     if args.rounds < 1 or args.rounds > 50:
         parser.error('--rounds must be 1 to 50')
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))

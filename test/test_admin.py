@@ -8,8 +8,11 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 
 import tylserver
+from conftest import TYLSERVER
 from test_history import replace_state_file
 from test_history_cli import STATE2, configured, run, write_file
 from test_http import STATE, lock, lock_info, unlock, write
@@ -37,6 +40,7 @@ def test_envs_lists_lock_serial_size_and_last_write(tyl_factory):
     assert write(server, 'db', STATE2)[0] == 200
     assert lock(server, 'db', lock_info('L1', who='bob@ci'))[0] == 200
     assert lock(server, 'empty', lock_info('L2', who='carol@ci'))[0] == 200
+    assert lock(server, 'nowho', b'{"ID": "L3"}')[0] == 200
     server.stop()
 
     done = run(server, 'envs')
@@ -46,7 +50,8 @@ def test_envs_lists_lock_serial_size_and_last_write(tyl_factory):
     assert [row[:5] for row in rows[1:]] == [
         ['app', '-', '-', '1', str(len(STATE))],
         ['db', 'bob@ci', '2026-08-21T10:11:12.123456789Z', '2', str(len(STATE2))],
-        ['empty', 'carol@ci', '2026-08-21T10:11:12.123456789Z', '-', '-']]
+        ['empty', 'carol@ci', '2026-08-21T10:11:12.123456789Z', '-', '-'],
+        ['nowho', '?', '(ID', 'L3)', '-']]
     assert rows[1][5].endswith('Z') and rows[3][5] == '-'
 
 
@@ -103,6 +108,20 @@ def test_show_prints_the_lock_and_the_top_level_fields(tyl_factory):
     assert run(server, 'import', 'old', write_file(server, 'v3.tfstate', version3)).returncode == 0
     assert run(server, 'show', 'old').stdout.decode('utf-8').splitlines()[1:] == [
         'version: 3', 'terraform_version: -', 'serial: 7', 'lineage: -', 'resource instances: 2']
+
+
+def test_a_reader_that_stops_reading_ends_a_command_quietly(tyl_factory):
+    server = configured(tyl_factory)
+    assert run(server, 'import', 'app', write_file(server, 'in.tfstate', STATE2)).returncode == 0
+    for command in (['envs'], ['show', 'app'], ['history', 'app'], ['export', 'app']):
+        reader, writer = os.pipe()
+        os.close(reader)        # as `| head -0` does
+        try:
+            done = subprocess.run([sys.executable, TYLSERVER, '--config', server.config_path]
+                                  + command, stdout=writer, stderr=subprocess.PIPE, timeout=60)
+        finally:
+            os.close(writer)
+        assert (done.returncode, done.stderr) == (141, b''), command
 
 
 def test_unlock_with_the_wrong_id_names_the_holder(tyl_factory):
@@ -163,7 +182,7 @@ def test_audit_lines_of_http_changes_without_auth(tyl_factory):
         ('127.0.0.1', None, 'app', 'write', 'wrong', None, None, None, 423),
         ('127.0.0.1', None, 'app', 'unlock', 'L1', 'alice@ci-01', None, None, 200),
         ('127.0.0.1', None, 'app', 'lock', 'L2', 'alice@ci-01', None, None, 200),
-        ('127.0.0.1', None, 'app', 'force-unlock', None, None, None, None, 200),
+        ('127.0.0.1', None, 'app', 'force-unlock', 'L2', 'alice@ci-01', None, None, 200),
         ('127.0.0.1', None, 'app', 'delete', None, None, None, None, 200)]
     assert all(line['time'].endswith('Z') for line in audit_lines(server))
 

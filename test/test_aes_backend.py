@@ -85,7 +85,9 @@ def test_files_on_disk_hold_no_plaintext(aes):
                 found[os.path.relpath(os.path.join(directory, name), aes.path(name=''))] = stream.read()
     # The state, the lock, and the state's version with its metadata, which
     # names the lock holder (here SECRET): encrypted too.
-    assert sorted(found) == ['history/1.json', 'history/1.tfstate', 'lock.json', 'terraform.tfstate']
+    assert sorted(found) == ['.flock', 'history/1.json', 'history/1.tfstate', 'lock.json',
+                             'terraform.tfstate']
+    assert found.pop('.flock') == b''
     assert found['history/1.tfstate'] == found['terraform.tfstate']
     for data in found.values():
         assert data.startswith(MAGIC + ID_A)

@@ -35,6 +35,7 @@ import yaml
 
 import postgres_cluster
 import tylserver
+import tylstore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -44,22 +45,24 @@ ROOT = os.path.dirname(HERE)
 #     kill -9).
 # checks_unlock_id: set_unlocked with an ID releases only the lock of that ID.
 # keeps_history: every state stored is a version (list_versions, get_version).
+# rechecks_holder: store_tfstate stores nothing (LockChanged) when the lock
+#     is no longer the one the server saw (`holder_id`).
 Backend = collections.namedtuple('Backend', 'name backend_class config persistent checks_unlock_id '
-                                            'keeps_history', defaults=(False,))
+                                            'keeps_history rechecks_holder', defaults=(False, False))
 
 BACKENDS = [
     Backend('file', 'file_backend.FileBackend', {'FILE_DATA_PATH': 'store'},
-            persistent=True, checks_unlock_id=True, keeps_history=True),
+            persistent=True, checks_unlock_id=True, keeps_history=True, rechecks_holder=True),
     Backend('sqlite', 'sqlite_backend.SQLiteBackend', {'SQLITE_DB_PATH': 'store/tyl.sqlite3'},
-            persistent=True, checks_unlock_id=True, keeps_history=True),
+            persistent=True, checks_unlock_id=True, keeps_history=True, rechecks_holder=True),
     Backend('pyshelve', 'pyshelve_backend.PyShelveBackend', {'PYSHELVE_DATA_PATH': 'store'},
             persistent=True, checks_unlock_id=True),
     Backend('aes', 'aes_backend.AESBackend', {'FILE_DATA_PATH': 'store', 'AES_SECRET_KEY': 'A' * 43 + '='},
-            persistent=True, checks_unlock_id=True, keeps_history=True),
+            persistent=True, checks_unlock_id=True, keeps_history=True, rechecks_holder=True),
     Backend('git', 'git_backend.GitBackend', {'GIT_WORKING_PATH': 'store'}, persistent=True, checks_unlock_id=True,
             keeps_history=True),
     Backend('postgres', 'postgres_backend.PostgresBackend', postgres_cluster.store_config,
-            persistent=True, checks_unlock_id=True, keeps_history=True),
+            persistent=True, checks_unlock_id=True, keeps_history=True, rechecks_holder=True),
     Backend('template', 'TEMPLATE_backend.TemplateBackend', {'YES_I_KNOW_WHAT_I_AM_DOING': True},
             persistent=False, checks_unlock_id=False),
 ]
@@ -165,8 +168,12 @@ def state_arguments(instance, body, holder=''):
     return obj, kwargs
 
 
-def store_state(instance, body, holder=''):
+def store_state(instance, body, holder='', holder_id=None):
+    """store_tfstate as the server calls it; `holder_id`, the ID of the
+    lock the server saw, goes to RAW_BYTES stores that check it again."""
     obj, kwargs = state_arguments(instance, body, holder)
+    if holder_id is not None and type(instance).RAW_BYTES:
+        kwargs['holder_id'] = holder_id
     return instance.store_tfstate(obj, **kwargs)
 
 
@@ -384,6 +391,29 @@ def test_unlock_when_free_returns_false(store):
     assert lock(instance, L1)
     assert unlock(instance, L1)
     assert not unlock(instance, L1)
+
+
+@each_backend('rechecks_holder')
+def test_a_write_whose_lock_another_server_changed_meanwhile_stores_nothing(store):
+    # Server A saw lock L1 held; before its write reached the store, server
+    # B, on the same storage, force-unlocked, locked L2 and wrote.
+    a, b = store.new(), store.new()
+    id1, id2 = tylstore.lock_id(L1), tylstore.lock_id(L2)
+    assert lock(a, L1)
+    store_state(a, big_state('A', 100), holder=L1, holder_id=id1)
+    assert force_unlock(b) and lock(b, L2)
+    store_state(b, big_state('B', 100), holder=L2, holder_id=id2)
+    with pytest.raises(tylstore.LockChanged):
+        store_state(a, big_state('late', 100), holder=L1, holder_id=id1)
+    with pytest.raises(tylstore.LockChanged):     # written without a lock, none being seen
+        store_state(a, big_state('unlocked', 100), holder_id='')
+    assert_stored(a, a.get_tfstate(), big_state('B', 100))
+    if store.backend.keeps_history:
+        assert len(a.list_versions()) == 2
+        assert_stored(a, a.get_version(a.list_versions()[0]['version']), big_state('B', 100))
+    assert unlock(b, L2)
+    store_state(a, big_state('C', 100), holder_id='')
+    assert_stored(b, b.get_tfstate(), big_state('C', 100))
 
 
 @each_backend('checks_unlock_id')
@@ -859,7 +889,7 @@ def test_a_state_that_cannot_take_its_place_leaves_no_file_and_no_version(store)
     with pytest.raises(OSError):
         store_state(instance, big_state('B', 1000))
     assert [name for name in env_files(store) if not name.startswith(store.constants.TFSTATE_FILE_NAME)] \
-        == ['history/1.json', 'history/1.tfstate']
+        == ['.flock', 'history/1.json', 'history/1.tfstate']
     history = os.path.join(directory, 'history')
     os.rename(history, history + '.aside')
     with open(history, 'wb'):   # history/ cannot be listed now

@@ -63,7 +63,11 @@ def test_version():
     ('HELPER_HOSTNAME_QUERY_MAP', ['a']),
     ('FILE_DATA_PATH', ''),
     ('HISTORY_KEEP', -1),
+    ('HISTORY_KEEP', 10 ** 23),
     ('HISTORY_KEEP_DAYS', 'a week'),
+    ('HISTORY_KEEP_DAYS', 10 ** 12),
+    ('REQUEST_TIMEOUT', float('inf')),
+    ('NOTIFY_TIMEOUT', float('nan')),
     ('LOG_FILE', 'no-such-directory/tyl.log'),
 ])
 def test_a_bad_value_stops_start_up_with_one_line_naming_the_key(tmp_path, key, value):
@@ -159,6 +163,40 @@ def test_the_template_backend_refuses_to_run_unless_told(tyl_factory):
                        YES_I_KNOW_WHAT_I_AM_DOING=True).start()
     assert told.request('POST', '/?env=a', b'{"version": 4}')[0] == 200
     assert told.request('GET', '/?env=a')[2] == b'{"version": 4}'
+
+
+@pytest.mark.parametrize('config, message', [
+    ({'USE_SSL': True, 'SSL_PUBLIC_KEY': 'none.pem', 'SSL_PRIVATE_KEY': 'none.key'},
+     'SSL_PUBLIC_KEY/SSL_PRIVATE_KEY: cannot load '),
+    ({'AUDIT_LOG': '.'}, 'AUDIT_LOG: '),
+    ({'LOG_FILE': '.'}, 'LOG_FILE: '),
+])
+def test_the_check_finds_what_start_up_would(tmp_path, config, message):
+    result = run_tylserver('--config', write_config(tmp_path, **config), '--check-config')
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.startswith('tylserver: error: ' + message)
+    assert result.stderr.count('\n') == 1
+
+
+@pytest.mark.parametrize('config, key, directory', [
+    ({'FILE_DATA_PATH': 'a-file/data'}, 'FILE_DATA_PATH', 'a-file/data'),
+    ({'BACKEND_CLASS': 'sqlite_backend.SQLiteBackend', 'SQLITE_DB_PATH': 'a-file/db/tyl.sqlite3'},
+     'SQLITE_DB_PATH', 'a-file/db'),
+    ({'AUDIT_LOG': 'a-file/audit.jsonl'}, 'AUDIT_LOG', 'a-file'),
+], ids=['FILE_DATA_PATH', 'SQLITE_DB_PATH', 'AUDIT_LOG'])
+@pytest.mark.parametrize('check_only', [False, True], ids=['start', 'check-config'])
+def test_a_directory_the_server_cannot_write_stops_start_up_and_the_check(
+        tmp_path, config, key, directory, check_only):
+    # Reads of a directory that cannot be made answer "no state": the
+    # server would serve /health and GETs and fail every LOCK.
+    (tmp_path / 'a-file').write_bytes(b'')
+    result = run_tylserver('--config', write_config(tmp_path, **config),
+                           *(['--check-config'] if check_only else []))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        'tylserver: error: %s: cannot write %s: no file can be created in %s (Not a directory)'
+        % (key, tmp_path / directory, tmp_path / 'a-file')]
+    assert sorted(os.listdir(str(tmp_path))) == ['a-file', 'config.yaml']
 
 
 def test_a_port_in_use_is_one_line(tyl_server, tmp_path):

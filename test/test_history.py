@@ -82,6 +82,19 @@ def test_history_lists_every_write_newest_first_with_its_metadata(server):
         (None, None), ('L1', 'alice@ci-01'), ('L1', 'alice@ci-01')]
 
 
+def test_odd_serials_and_lineages_are_listed_as_null_and_the_state_kept(server):
+    # 1e400 parses as a float infinity, which JSON cannot carry.
+    odd = (b'{"version": 4, "serial": 1e400, "lineage": 7}',
+           b'{"version": 4, "serial": -3, "lineage": ["x"]}', b'{"version": 4, "serial": 2.5}')
+    for state in odd:
+        assert write(server, 'app', state)[0] == 200
+        assert get_state(server, 'app') == state
+    status, _, body = req(server, 'GET', '/history?env=app')
+    assert status == 200
+    listed = json.loads(body.decode('utf-8'), parse_constant=pytest.fail)
+    assert [(version['serial'], version['lineage']) for version in listed] == [(None, None)] * 3
+
+
 def test_a_version_reads_back_with_its_exact_bytes(server):
     write_three_states(server)
     for version, state in zip(history(server), STATES[::-1]):

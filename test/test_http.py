@@ -609,11 +609,12 @@ def test_get_returns_bytes_content_type_and_padded_content_md5(tyl_server):
 
 BAD_STATES = [b'NaN', b'Infinity', b'-Infinity', b'{"a": NaN}', b'{"a": [Infinity]}',
               b'{"a": -Infinity}', b'null', b'[]', b'"x"', b'1', b'true', b'', b'   ',
-              b'{"version": 4', b'{"version": 4,}', b'{"a":1}{"b":2}', b'\xff\xfe{}', b"{'a': 1}"]
+              b'{"version": 4', b'{"version": 4,}', b'{"a":1}{"b":2}', b'\xff\xfe{}', b"{'a': 1}",
+              b'{"a":' + b'[' * 100000 + b']' * 100000 + b'}']
 
 
 @pytest.mark.parametrize('index', range(len(BAD_STATES)),
-                         ids=[repr(b)[2:-1] or 'empty' for b in BAD_STATES])
+                         ids=[(repr(b)[2:-1] or 'empty')[:20] for b in BAD_STATES])
 def test_write_of_anything_but_a_json_object_is_400(shared_server, index):
     server, body, env = shared_server, BAD_STATES[index], 'bad-state-%d' % index
     assert lock(server, env, ODD_LOCK)[0] == 200
@@ -668,11 +669,12 @@ def test_write_follows_the_lock(tyl_server):
 
 BAD_LOCKS = [b'', b'   ', b'{}', b'{"ID": ""}', b'{"ID": 5}', b'{"ID": null}', b'{"ID": ["a"]}',
              b'{"id": "lower-case-key"}', b'[]', b'"ID"', b'null', b'{"ID": "x"',
-             b'{"ID": "x", "n": NaN}', b'\xff{"ID":"x"}']
+             b'{"ID": "x", "n": NaN}', b'\xff{"ID":"x"}',
+             b'{"ID": "x", "n": ' + b'[' * 100000 + b']' * 100000 + b'}']
 
 
 @pytest.mark.parametrize('index', range(len(BAD_LOCKS)),
-                         ids=[repr(b)[2:-1] or 'empty' for b in BAD_LOCKS])
+                         ids=[(repr(b)[2:-1] or 'empty')[:20] for b in BAD_LOCKS])
 def test_lock_body_must_be_json_with_a_string_id(shared_server, index):
     server, body, env = shared_server, BAD_LOCKS[index], 'bad-lock-%d' % index
     for method, path in (('LOCK', '/lock'), ('POST', '/lock'), ('LOCK', '/')):
@@ -1156,8 +1158,10 @@ def test_data_directory_is_0700_and_files_0600(tyl_server):
     assert lock(tyl_server, 'app', lock_info('L1'))[0] == 200
     assert write(tyl_server, 'app', STATE, 'L1')[0] == 200
     assert write(tyl_server, 'other', STATE)[0] == 200
-    assert data_files(tyl_server) == sorted([os.path.join('app', 'lock.json'),
+    assert data_files(tyl_server) == sorted([os.path.join('app', '.flock'),
+                                             os.path.join('app', 'lock.json'),
                                              os.path.join('app', 'terraform.tfstate'),
+                                             os.path.join('other', '.flock'),
                                              os.path.join('app', 'history', '1.json'),
                                              os.path.join('app', 'history', '1.tfstate'),
                                              os.path.join('other', 'terraform.tfstate'),
@@ -1257,3 +1261,20 @@ def test_sigterm_exits_with_code_0(tyl_server):
     tyl_server.start()
     assert get_state(tyl_server, 'app') == STATE
     assert tyl_server.stop() == 0
+
+
+def test_expect_100_continue_is_answered_at_once_and_only_for_a_request_to_be_served(tyl_server):
+    expect = [('Expect', '100-continue'), ('Content-Length', str(len(STATE)))]
+    with RawConnection(tyl_server, timeout=5) as raw:
+        raw.send(raw_request('POST', '/?env=app', headers=expect, length=False))
+        # Before the body: without the 100 in this time, curl would wait a second.
+        raw.sock.settimeout(0.5)
+        assert raw.sock.recv(100) == b'HTTP/1.1 100 Continue\r\n\r\n'
+        raw.sock.settimeout(5)
+        raw.send(STATE)
+        assert raw.response('POST')[0] == 200
+    assert get_state(tyl_server, 'app') == STATE
+    with RawConnection(tyl_server, timeout=5) as raw:     # refused on its headers: no 100
+        status, headers, _ = raw.exchange(raw_request('POST', '/nowhere', headers=expect,
+                                                      length=False), 'POST')
+        assert status == 404 and headers['Connection'].lower() == 'close'

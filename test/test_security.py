@@ -243,8 +243,9 @@ def test_every_action_has_a_permission():
     actions = {action for methods in tylserver.TYLRequestHandler.ROUTES.values()
                for action in methods.values()}
     handler = tylserver.TYLRequestHandler
-    assert actions <= set(handler.PERMISSIONS) | set(handler.OPEN_ACTIONS)
-    assert not set(handler.PERMISSIONS) & set(handler.OPEN_ACTIONS)
+    kinds = [set(handler.PERMISSIONS), set(handler.OPEN_ACTIONS), set(handler.USER_ACTIONS)]
+    assert actions == set.union(*kinds)
+    assert sum(map(len, kinds)) == len(actions)     # each in one kind only
     assert set(tylserver.TYLRequestHandler.PERMISSIONS.values()) <= set(tylserver.ACCESS_LEVELS)
 
 
@@ -368,17 +369,23 @@ def test_two_authorization_headers_are_401_even_when_one_is_right(secured):
 
 
 def test_a_refused_request_is_answered_before_its_body(secured):
-    """401 at once for a 10 GB body from a stranger, 413 at once for root."""
-    for user, expected in ((None, 401), ('root', 413)):
+    """At once, for a 10 GB body: 401 for a stranger, 403 for a user in no
+    rule, 400 for /health, which is open to all and takes no body, 413 for
+    root."""
+    for user, method, path, expected in ((None, 'POST', '/?env=dev', 401),
+                                         ('dave', 'POST', '/?env=dev', 403),
+                                         ('dave', 'LOCK', '/lock?env=dev', 403),
+                                         (None, 'GET', '/health', 400),
+                                         ('root', 'POST', '/?env=dev', 413)):
         headers = [('Content-Length', '10000000000')]
         if user:
             headers.append(('Authorization', basic(user, PASSWORDS[user])))
         with RawConnection(secured, timeout=5) as raw:
             started = time.monotonic()
             status, response_headers, _ = raw.exchange(
-                raw_request('POST', '/?env=dev', headers=headers, length=False), 'POST')
+                raw_request(method, path, headers=headers, length=False), method)
             elapsed = time.monotonic() - started
-        assert status == expected and elapsed < 2, (user, status, elapsed)
+        assert status == expected and elapsed < 2, (user, path, status, elapsed)
         assert response_headers.get('Connection', '').lower() == 'close'
     # A 401 to a request without a body keeps the connection.
     with RawConnection(secured) as raw:
@@ -776,3 +783,26 @@ def test_force_unlock_sent_as_terraform_sends_it_needs_admin(secured):
         request = force_unlock % (basic('alice', PASSWORDS['alice']), EMPTY_MD5)
         assert raw.exchange(request.encode(), 'UNLOCK')[0] == 200
     assert status_as(secured, 'bob', 'LOCK', '/lock?env=dev', lock) == 200
+
+
+def test_a_flood_of_password_checks_neither_queues_nor_slows_a_known_login(hashes):
+    # Every check slot taken, as a flood of guesses with fresh user names
+    # would: a login verified before still passes at once, and a new one is
+    # answered 503 after a second instead of waiting its turn.
+    constants = tylserver.load_config(None, {'TYL_AUTH_USERS': json.dumps(
+        {'bob': hashes['bob'], 'dave': hashes['dave']})})
+    access = tylserver.Access(constants)
+    assert access.authenticate([basic('bob', PASSWORDS['bob'])], None, '10.0.0.1') == 'bob'
+    for _ in range(tylserver.CHECKS_AT_ONCE):
+        assert access.checking.acquire(timeout=1)
+    try:
+        assert access.authenticate([basic('bob', PASSWORDS['bob'])], None, '10.0.0.2') == 'bob'
+        for user in ('dave', 'nobody-%s' % os.getpid()):
+            with pytest.raises(tylserver.Refusal) as refused:
+                access.authenticate([basic(user, 'x')], None, '10.0.0.3')
+            assert refused.value.status == 503
+            assert ('Retry-After', '1') in refused.value.headers
+    finally:
+        for _ in range(tylserver.CHECKS_AT_ONCE):
+            access.checking.release()
+    assert access.authenticate([basic('dave', PASSWORDS['dave'])], None, '10.0.0.3') == 'dave'

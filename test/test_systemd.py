@@ -58,6 +58,20 @@ def test_systemd_unit_names_this_installation_with_absolute_paths(tmp_path):
     assert directive(lines, 'ExecReload') == '/bin/kill -HUP $MAINPID'
     assert directive(lines, 'WatchdogSec')
     assert '[Service]' in lines and '[Install]' in lines
+    if str(tmp_path).startswith(('/tmp/', '/var/tmp/')):    # pytest's usual base
+        warning = [line for line in lines if line.startswith('# WARNING: PrivateTmp=true hides')]
+        assert len(warning) == 1 and str(tmp_path / 'states') in warning[0], lines
+
+
+def test_systemd_unit_warns_on_stderr_of_paths_the_service_cannot_see(tmp_path):
+    path = tmp_path / 'config.yaml'
+    path.write_text(yaml.safe_dump({'FILE_DATA_PATH': '/tmp/tyl-states'}))
+    result = subprocess.run([sys.executable, TYLSERVER, '--config', str(path), 'systemd-unit'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=30)
+    assert result.returncode == 0
+    assert 'tylserver: WARNING: PrivateTmp=true hides these from the service; install and keep ' \
+           'the data elsewhere: ' in result.stderr and '/tmp/tyl-states' in result.stderr
 
 
 def test_systemd_unit_user_option_and_sqlite_directory(tmp_path):

@@ -312,20 +312,30 @@ class HalfBroken(tylstore.TYLPersistent):
 
     @classmethod
     def list_environments(cls, constants):
-        return ['broken', 'fine']
+        return sorted(set(STATES) | {'broken', 'fine'})
 '''
+
+
+def test_the_page_says_when_history_is_off(tyl_factory):
+    server = tyl_factory(HISTORY_KEEP=0).start()
+    assert write(server, 'app', v4_state(1, []))[0] == 200
+    status, _, text = get_page(server, '/ui/env?env=app')
+    assert status == 200 and 'History is off: <code>HISTORY_KEEP: 0</code>.' in text
+    assert 'No version kept yet.' not in text
 
 
 def test_a_backend_error_shows_in_its_row_only(tyl_factory, tmp_path):
     plugins = write_plugin(tmp_path / 'plugins', 'half_broken', HALF_BROKEN_BACKEND)
     server = tyl_factory(BACKEND_PLUGINS_PATH=plugins, BACKEND_CLASS='half_broken.HalfBroken').start()
     assert write(server, 'touched', v4_state(1, []))[0] == 200
+    assert get_page(server, '/?env=only-read')[0] == 204
     status, _, text = get_page(server, '/ui')
     assert status == 200
     assert 'OSError: disk &lt;b&gt;on fire&lt;/b&gt;' in text and '<b>' not in text
     rows = overview(text)
     assert rows['broken'] == ['OSError: disk <b>on fire</b>']
     assert rows['fine'][4:6] == ['7', 'ok'] and rows['touched'][4] == '1'
+    assert 'only-read' not in rows
     assert 'dashboard: env broken: OSError: disk <b>on fire</b>' in server.log()
     assert 'Traceback' not in server.log()
     status, _, text = get_page(server, '/ui/env?env=fine')
@@ -513,7 +523,8 @@ def test_force_unlock_needs_admin_the_users_token_and_this_origin(audited):
     assert lines == [('ci', 'prod-app', 'force-unlock', None, 403),
                      ('bob', 'prod-app', 'force-unlock', None, 403)] \
         + [('alice', 'prod-app', 'force-unlock', None, 403)] * len(refused) \
-        + [('alice', 'prod-app', 'force-unlock', None, 303)] * 2
+        + [('alice', 'prod-app', 'force-unlock', 'L-ci', 303),
+           ('alice', 'prod-app', 'force-unlock', 'L-again', 303)]
     _, samples = scrape(audited)
     assert value(samples, 'tyl_force_unlocks_total') == 2
     assert value(samples, 'tyl_locks_held') == 2       # prod-db, and prod-app again
