@@ -801,15 +801,17 @@ def storage_costs(data_path, state, cycles, env_count):
     import tylserver
     from file_backend import FileBackend
 
-    def backend(name, **settings):
+    def constants(**settings):
         environ = dict({'TYL_FILE_DATA_PATH': data_path},
                        **{'TYL_' + key: str(value) for key, value in settings.items()})
-        return FileBackend(name, tylserver.load_config(None, environ))
+        return tylserver.load_config(None, environ)
 
     metadata = {'serial': 1, 'lineage': 'bench', 'size': len(state), 'sha256': '', 'created': '',
                 'lock_id': '', 'who': ''}
     totals = {'LOCK': 0.0, 'write': 0.0, 'UNLOCK': 0.0, 'write, no history': 0.0}
-    with_history, without = backend('storage'), backend('storage-nohistory', HISTORY_KEEP=0)
+    shipped = constants()
+    with_history = FileBackend('storage', shipped)
+    without = FileBackend('storage-nohistory', constants(HISTORY_KEEP=0))
     for number in range(cycles + 20):          # the first 20 warm up
         info = lock_info(str(uuid.uuid4()))
         lock = json.loads(info)
@@ -827,7 +829,7 @@ def storage_costs(data_path, state, cycles, env_count):
     figures = {name: total * 1000 / cycles for name, total in totals.items()}
     started = time.perf_counter()
     for number in range(env_count):
-        fresh = backend('storage-new-%d' % number)
+        fresh = FileBackend('storage-new-%d' % number, shipped)
         fresh.store_tfstate(None, raw_bytes=state, metadata=metadata, holder_id='')
         with fresh.open_tfstate() as stream:
             stream.read()
