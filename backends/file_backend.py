@@ -313,12 +313,27 @@ class FileBackend(TYLPersistent):
 
     @classmethod
     def list_environments(cls, constants):
+        """The environments holding a state, a lock or a version: not one
+        only locked and unlocked, as a mistyped name in a backend block is."""
         try:
             names = os.listdir(constants.FILE_DATA_PATH)
         except FileNotFoundError:
             return []
         return sorted(name for name in names if ENVIRONMENT_NAME.fullmatch(name)
-                      and os.path.isdir(os.path.join(constants.FILE_DATA_PATH, name)))
+                      and cls._holds_anything(os.path.join(constants.FILE_DATA_PATH, name), constants))
+
+    @staticmethod
+    def _holds_anything(directory, constants):
+        try:
+            names = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        if constants.TFSTATE_FILE_NAME in names or 'lock.json' in names:
+            return True
+        try:
+            return any(map(VERSION_METADATA.fullmatch, os.listdir(os.path.join(directory, 'history'))))
+        except FileNotFoundError:
+            return False
 
     def delete_tfstate(self, **kwargs):
         try:

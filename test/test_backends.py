@@ -900,6 +900,15 @@ def test_a_state_that_cannot_take_its_place_leaves_no_file_and_no_version(store)
 
 
 @pytest.mark.parametrize('store', FILE_STORES, indirect=True)
+def test_an_environment_only_locked_and_unlocked_is_not_listed(store):
+    assert lock(store.new('typo'), L1) and unlock(store.new('typo'), L1)
+    assert lock(store.new('held'), L2)
+    store_state(store.new('deleted'), SMALL_STATE)
+    store.new('deleted').delete_tfstate()       # its history stays, to restore from
+    assert store.cls.list_environments(store.constants) == ['deleted', 'held']
+
+
+@pytest.mark.parametrize('store', FILE_STORES, indirect=True)
 def test_a_lock_file_that_is_not_a_file_is_named_not_taken_for_a_lock(store):
     instance = store.new()
     store_state(instance, SMALL_STATE)
