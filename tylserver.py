@@ -1821,6 +1821,8 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
     # Open to any user who logs in: they reveal no environment, and a
     # metrics scraper needs no rights on any.
     USER_ACTIONS = ('show_metrics',)
+    # The actions on no one environment; all others need ?env=NAME.
+    SERVER_ACTIONS = ('show_status', 'show_health', 'show_metrics', 'show_dashboard')
     # The actions that change a state, as AUDIT_LOG names them; an UNLOCK
     # with an empty body is a force-unlock.
     AUDITED_ACTIONS = {'write_state': 'write', 'delete_state': 'delete', 'lock': 'lock',
@@ -2122,9 +2124,10 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def check_before_body(self, action, url):
         """Refuse what the request line and headers condemn already: an
-        unknown route, a bad query, a body sent to /health, a user without
-        the level the action needs.  The body is then never read, however
-        large, and the connection is closed."""
+        unknown route, a bad query or environment name, a body sent to
+        /health, a user without the level the action needs, a body framed
+        wrongly or announced over MAX_BODY_BYTES.  The body is then never
+        read, however large, and the connection is closed."""
         try:
             if action is None:
                 self.refuse_route(url.path)
@@ -2133,6 +2136,9 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
                 raise Refusal(400, '%s %s takes no body' % (self.command, url.path))
             if action not in self.OPEN_ACTIONS + self.USER_ACTIONS:
                 self.authorize(action)
+            if action not in self.SERVER_ACTIONS:
+                self.environment_name_of_query()
+            self.framing = self.body_framing()
         except Refusal as refusal:
             refusal.close = refusal.close or self.announces_body()
             raise
@@ -2154,24 +2160,39 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         return ('Transfer-Encoding' in self.headers
                 or self.headers.get('Content-Length', '0').strip() != '0')
 
-    def read_body(self):
-        """The request body, by Content-Length or chunked, within MAX_BODY_BYTES.
-
-        A malformed or oversized body leaves unread bytes on the wire, so
-        the connection is closed after the refusal.
-        """
+    def body_framing(self):
+        """How the body comes, from the headers alone: ('chunked', None),
+        ('sized', its length) or (None, 0); a 400 or 413 Refusal for one
+        framed wrongly or announced over MAX_BODY_BYTES."""
         length = self.headers.get_all('Content-Length', [])
         encoding = self.headers.get_all('Transfer-Encoding', [])
         if encoding and length:
             raise Refusal(400, 'both Content-Length and Transfer-Encoding given', close=True)
-        if encoding and [e.strip().lower() for e in encoding] != ['chunked']:
-            raise Refusal(400, 'unsupported Transfer-Encoding %s' % _printable(', '.join(encoding)),
-                          close=True)
+        if encoding:
+            if [e.strip().lower() for e in encoding] != ['chunked']:
+                raise Refusal(400, 'unsupported Transfer-Encoding %s'
+                              % _printable(', '.join(encoding)), close=True)
+            return 'chunked', None
+        if not length:
+            return None, 0
+        if len(length) > 1 or not re.fullmatch(r'[0-9]{1,20}', length[0].strip()):
+            raise Refusal(400, 'bad Content-Length', close=True)
+        size = int(length[0])
+        if size > self.server.constants.MAX_BODY_BYTES:
+            raise Refusal(413, 'body of %d bytes is over MAX_BODY_BYTES (%d)'
+                          % (size, self.server.constants.MAX_BODY_BYTES), close=True)
+        return 'sized', size
+
+    def read_body(self):
+        """The request body, framed as `body_framing` found, within
+        MAX_BODY_BYTES.  A malformed body leaves unread bytes on the wire,
+        so the connection is closed after the refusal."""
+        kind, size = self.framing
         try:
-            if encoding:
+            if kind == 'chunked':
                 body = self.read_chunked_body()
-            elif length:
-                body = self.read_sized_body(length)
+            elif size:
+                body = self.read_sized_body(size)
             else:
                 body = b''
         except socket.timeout:
@@ -2179,13 +2200,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         self.check_content_md5(body)
         return body
 
-    def read_sized_body(self, length):
-        if len(length) > 1 or not re.fullmatch(r'[0-9]{1,20}', length[0].strip()):
-            raise Refusal(400, 'bad Content-Length', close=True)
-        size = int(length[0])
-        if size > self.server.constants.MAX_BODY_BYTES:
-            raise Refusal(413, 'body of %d bytes is over MAX_BODY_BYTES (%d)'
-                          % (size, self.server.constants.MAX_BODY_BYTES), close=True)
+    def read_sized_body(self, size):
         body = self.rfile.read(size)
         if len(body) != size:
             raise Refusal(400, 'body ended after %d of %d bytes' % (len(body), size), close=True)
@@ -2856,12 +2871,16 @@ BACKEND_DATA_PATHS = {
 HOME_DIRECTORIES = ('/home/', '/root/', '/run/user/')
 
 
+def _backend_data_paths(constants):
+    """BACKEND_DATA_PATHS of the configured backend; None for a plugin."""
+    return BACKEND_DATA_PATHS.get(constants.BACKEND_CLASS.rpartition('.')[0])
+
+
 def written_directories(constants):
     """(key, directory) for each directory the configured built-in backend,
     AUDIT_LOG and LOG_FILE write in; a plugin's own are not known."""
-    module = constants.BACKEND_CLASS.rpartition('.')[0]
     found = [(key, os.path.dirname(getattr(constants, key)) if is_file else getattr(constants, key))
-             for key, is_file in BACKEND_DATA_PATHS.get(module, [])]
+             for key, is_file in _backend_data_paths(constants) or []]
     found += [(key, os.path.dirname(getattr(constants, key)))
               for key in ('AUDIT_LOG', 'LOG_FILE') if getattr(constants, key)]
     return [(key, os.path.normpath(directory)) for key, directory in found]
@@ -2878,7 +2897,8 @@ def check_before_start(constants):
     /proc, a full quota)."""
     if constants.USE_SSL:
         _ssl_context(constants)
-    for key in ('AUDIT_LOG', 'LOG_FILE'):
+    file_keys = [key for key, is_file in _backend_data_paths(constants) or [] if is_file]
+    for key in file_keys + ['AUDIT_LOG', 'LOG_FILE']:
         if getattr(constants, key) and os.path.isdir(getattr(constants, key)):
             raise ConfigError('%s: %s is a directory, not a file' % (key, getattr(constants, key)))
     for key, directory in written_directories(constants):
@@ -2917,7 +2937,7 @@ def run_systemd_unit(args, plugins):
         raise ConfigError('systemd-unit needs the config file the service will read: there is '
                           'none at %s; pass --config PATH' % DEFAULT_CONFIG_PATH)
     notes = []
-    if constants.BACKEND_CLASS.rpartition('.')[0] not in BACKEND_DATA_PATHS:
+    if _backend_data_paths(constants) is None:
         notes.append('# BACKEND_CLASS %s: add the directories it writes to ReadWritePaths.'
                      % constants.BACKEND_CLASS)
     writable = list(OrderedDict.fromkeys(directory for _, directory in written_directories(constants)))

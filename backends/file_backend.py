@@ -53,8 +53,9 @@ import stat
 import time
 import uuid
 
-from tylstore import (ENVIRONMENT_NAME, TEMPORARY_PREFIX, LockChanged, TYLPersistent, fsync_path,
-                      history_cutoff, lock_id, read_all, write_all, write_temporary_file)
+from tylstore import (ENVIRONMENT_NAME, TEMPORARY_PREFIX, BackendUnavailable, LockChanged,
+                      TYLPersistent, fsync_path, history_cutoff, lock_id, read_all, write_all,
+                      write_temporary_file)
 
 # A version's number as it names its files: no sign, no leading zero, so
 # one number has one name.
@@ -67,6 +68,9 @@ CLAIM_ATTEMPTS = 100
 # Seconds after which an empty lock.json is what a crash left of a LOCK,
 # never answered, rather than a lock whose bytes are being written.
 EMPTY_LOCK_AGE = 10
+
+# Seconds a change waits for another process's flock on the environment.
+FLOCK_WAIT = 5
 
 # Seconds after which a temporary file is what a crash left rather than a
 # change under way, which keeps its file for the seconds a write takes.
@@ -119,19 +123,54 @@ class FileBackend(TYLPersistent):
         the environment's directory does not exist and `create` is false.
         A file, not the directory, since NFS takes an exclusive flock only
         on a file open for writing."""
+        fd = self._open_flock(create)
+        if fd is None:
+            yield False
+            return
         try:
-            fd = os.open(self.flock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except FileNotFoundError:
-            if not create:
-                yield False
-                return
-            self._make_directories()
-            fd = os.open(self.flock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._wait_for_flock(fd)
             yield True
         finally:
             os.close(fd)
+
+    def _open_flock(self, create):
+        """The .flock file, open; None when the environment's directory does
+        not exist and `create` is false.  Made when missing (an environment
+        stored by an older TYL has none) with the directory's owner, so
+        that an admin command run as root leaves no file that the service's
+        user cannot open."""
+        try:
+            return os.open(self.flock_path, os.O_RDWR)
+        except FileNotFoundError:
+            pass
+        if not os.path.isdir(self.directory):
+            if not create:
+                return None
+            self._make_directories()
+        try:
+            fd = os.open(self.flock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:     # made meanwhile by another process
+            return os.open(self.flock_path, os.O_RDWR)
+        owner = os.stat(self.directory)
+        if os.geteuid() == 0 and owner.st_uid != 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        return fd
+
+    def _wait_for_flock(self, fd):
+        """Take the flock, waiting FLOCK_WAIT seconds at most for another
+        process's change: past that, BackendUnavailable (a 503, which
+        Terraform retries) rather than a request that hangs, holding the
+        environment's mutex, behind a stopped or stalled process."""
+        deadline, pause = time.monotonic() + FLOCK_WAIT, 0.001
+        while True:
+            try:
+                return fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise BackendUnavailable('env %s: another process has held %s for %g s'
+                                             % (self.environment, self.flock_path, FLOCK_WAIT))
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
 
     def _sync_directories(self, *directories):
         """fsync `directories`, and those where a directory was created, as

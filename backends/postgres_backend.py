@@ -67,6 +67,9 @@ UNREACHABLE = (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction)
 # Taken by the transaction that creates or migrates the schema, so that
 # servers starting together on an empty database do it one at a time.
 MIGRATION_LOCK = 0x54594c  # 'TYL'
+# The first key of each environment's advisory lock (pg_advisory_xact_lock
+# with two keys, which never meets the one-key MIGRATION_LOCK).
+ENVIRONMENT_LOCKS = 0x54594c
 
 # MIGRATIONS[n] takes the schema from version n to n + 1.  Append; never edit.
 MIGRATIONS = [
@@ -118,11 +121,14 @@ class PostgresBackend(TYLPersistent):
         return rows[0][0] if rows else None
 
     def set_locked(self, state_obj, **kwargs):
-        """One statement, so two servers racing cannot both insert."""
+        """One statement, so two servers racing cannot both insert, under
+        the environment's advisory lock (see store_tfstate)."""
         raw = kwargs['raw_bytes']
-        inserted, _ = self._execute(
-            'INSERT INTO tflock (environment, id, info) VALUES (%s, %s, %b) '
-            'ON CONFLICT (environment) DO NOTHING', self.environment, lock_id(raw), raw)
+        with self.pool.connection() as db, db.transaction():
+            self._exclude_changes(db)
+            inserted = db.execute('INSERT INTO tflock (environment, id, info) VALUES (%s, %s, %b) '
+                                  'ON CONFLICT (environment) DO NOTHING',
+                                  (self.environment, lock_id(raw), raw)).rowcount
         return inserted == 1
 
     def set_unlocked(self, state_obj, **kwargs):
@@ -142,9 +148,12 @@ class PostgresBackend(TYLPersistent):
     def store_tfstate(self, tfstate_obj, **kwargs):
         """State and version in one transaction, checked against the lock
         the server saw (`holder_id`, '' for none) while holding that lock
-        row, so that no unlock through another server slips in between."""
+        row, so that no unlock through another server slips in between, and
+        the environment's advisory lock, so that no LOCK does either when
+        there was no row to hold."""
         body, holder_id = kwargs['raw_bytes'], kwargs.get('holder_id')
         with self.pool.connection() as db, db.transaction():
+            self._exclude_changes(db)
             if holder_id is not None:
                 held = db.execute('SELECT id FROM tflock WHERE environment = %s FOR SHARE',
                                   (self.environment,)).fetchone()
@@ -154,6 +163,12 @@ class PostgresBackend(TYLPersistent):
                        'ON CONFLICT (environment) DO UPDATE SET state = EXCLUDED.state',
                        (self.environment, body))
             self._keep_version(db, body, kwargs.get('metadata') or {})
+
+    def _exclude_changes(self, db):
+        """Take the environment's transaction-level advisory lock, which a
+        LOCK and a state write hold until they commit."""
+        db.execute('SELECT pg_advisory_xact_lock(%s, hashtext(%s))',
+                   (ENVIRONMENT_LOCKS, self.environment))
 
     def _keep_version(self, db, body, metadata):
         """Record `body` as a version, then drop those past HISTORY_KEEP

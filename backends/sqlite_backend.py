@@ -33,7 +33,8 @@ import sqlite3
 import tempfile
 import threading
 
-from tylstore import LockChanged, TYLPersistent, create_file_durably, history_cutoff, lock_id
+from tylstore import (BackendUnavailable, LockChanged, TYLPersistent, create_file_durably,
+                      history_cutoff, lock_id)
 
 # Seconds a statement waits for another connection's write before failing
 # with "database is locked"; one write of a large state can take seconds.
@@ -173,6 +174,21 @@ class SQLiteBackend(TYLPersistent):
 _per_thread = threading.local()
 
 
+class _Connection(sqlite3.Connection):
+    """A connection whose statement that waited BUSY_TIMEOUT for another
+    process's write raises BackendUnavailable, a 503 that Terraform
+    retries, rather than a 500 that ends the run."""
+
+    def execute(self, *args):
+        try:
+            return super().execute(*args)
+        except sqlite3.OperationalError as error:
+            if 'database is locked' not in str(error):
+                raise
+            raise BackendUnavailable('SQLite database %s stayed locked by another process for %g s'
+                                     % (self.path, BUSY_TIMEOUT)) from None
+
+
 def _connection(path):
     """This thread's connection to the database at `path`.
 
@@ -186,7 +202,8 @@ def _connection(path):
     if path not in connections:
         # isolation_level=None: no implicit transactions, every statement
         # commits on its own.
-        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, factory=_Connection)
+        db.path = path
         # WAL's default (NORMAL) may lose the last commits on power loss;
         # FULL syncs the log on every commit, before the server answers.
         db.execute('PRAGMA synchronous=FULL')
@@ -201,10 +218,11 @@ def _transaction(db):
     db.execute('BEGIN IMMEDIATE')
     try:
         yield db
+        db.execute('COMMIT')
     except BaseException:
-        db.execute('ROLLBACK')
+        if db.in_transaction:
+            db.execute('ROLLBACK')
         raise
-    db.execute('COMMIT')
 
 
 def _create_database(path):

@@ -18,12 +18,14 @@ with the reason, never left out silently.
 
 import collections
 import errno
+import fcntl
 import gc
 import hashlib
 import json
 import os
 import random
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -897,6 +899,56 @@ def test_a_state_that_cannot_take_its_place_leaves_no_file_and_no_version(store)
     with pytest.raises(OSError):
         store_state(store.new(), big_state('C', 1000))
     assert not [name for name in os.listdir(directory) if name.startswith('.tmp-')]
+
+
+def test_a_sqlite_database_locked_past_the_busy_timeout_is_a_503(tmp_path, monkeypatch):
+    store = Store([backend for backend in BACKENDS if backend.name == 'sqlite'][0], str(tmp_path))
+    monkeypatch.setattr(sys.modules['sqlite_backend'], 'BUSY_TIMEOUT', 0.3)
+    instance = store.new()
+    other = sqlite3.connect(store.constants.SQLITE_DB_PATH, isolation_level=None)
+    try:
+        other.execute('BEGIN IMMEDIATE')       # another process's write under way
+        for change in (lambda: lock(instance, L1), lambda: store_state(instance, SMALL_STATE)):
+            with pytest.raises(tylstore.BackendUnavailable, match='stayed locked'):
+                change()
+        other.execute('ROLLBACK')
+    finally:
+        other.close()
+    assert lock(instance, L1)
+    store_state(instance, SMALL_STATE)
+    assert_stored(instance, instance.get_tfstate(), SMALL_STATE)
+
+
+@pytest.mark.parametrize('store', FILE_STORES, indirect=True)
+def test_a_change_waits_for_another_process_flock_a_bounded_time(store, monkeypatch):
+    # A process stopped while it holds the flock, as SIGSTOP or a stalled
+    # disk would leave it: a 503 to retry, not a request that hangs.
+    instance = store.new()
+    store_state(instance, SMALL_STATE)
+    monkeypatch.setattr(sys.modules['file_backend'], 'FLOCK_WAIT', 0.3)
+    held = os.open(os.path.join(store.storage, 'env', '.flock'), os.O_RDWR)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for change in (lambda: lock(instance, L1), lambda: store_state(instance, TRICKY_STATE)):
+            with pytest.raises(tylstore.BackendUnavailable, match='another process has held'):
+                change()
+    finally:
+        os.close(held)      # the kernel releases the flock with its last descriptor
+    assert lock(instance, L1)
+    assert_stored(instance, instance.get_tfstate(), SMALL_STATE)
+
+
+@pytest.mark.skipif(not hasattr(os, 'geteuid') or os.geteuid() != 0, reason='needs root, to chown')
+@pytest.mark.parametrize('store', FILE_STORES, indirect=True)
+def test_a_flock_file_made_by_root_belongs_to_the_directory_owner(store):
+    instance = store.new()
+    store_state(instance, SMALL_STATE)
+    directory = os.path.join(store.storage, 'env')
+    os.unlink(os.path.join(directory, '.flock'))        # as an older TYL left it
+    os.chown(directory, 65534, 65534)
+    assert not unlock(store.new(), L1)                  # an admin command, as root
+    found = os.stat(os.path.join(directory, '.flock'))
+    assert (found.st_uid, found.st_gid, stat.S_IMODE(found.st_mode)) == (65534, 65534, 0o600)
 
 
 @pytest.mark.parametrize('store', FILE_STORES, indirect=True)

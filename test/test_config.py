@@ -170,6 +170,7 @@ def test_the_template_backend_refuses_to_run_unless_told(tyl_factory):
      'SSL_PUBLIC_KEY/SSL_PRIVATE_KEY: cannot load '),
     ({'AUDIT_LOG': '.'}, 'AUDIT_LOG: '),
     ({'LOG_FILE': '.'}, 'LOG_FILE: '),
+    ({'BACKEND_CLASS': 'sqlite_backend.SQLiteBackend', 'SQLITE_DB_PATH': '.'}, 'SQLITE_DB_PATH: '),
 ])
 def test_the_check_finds_what_start_up_would(tmp_path, config, message):
     result = run_tylserver('--config', write_config(tmp_path, **config), '--check-config')

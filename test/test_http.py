@@ -1274,7 +1274,13 @@ def test_expect_100_continue_is_answered_at_once_and_only_for_a_request_to_be_se
         raw.send(STATE)
         assert raw.response('POST')[0] == 200
     assert get_state(tyl_server, 'app') == STATE
-    with RawConnection(tyl_server, timeout=5) as raw:     # refused on its headers: no 100
-        status, headers, _ = raw.exchange(raw_request('POST', '/nowhere', headers=expect,
-                                                      length=False), 'POST')
-        assert status == 404 and headers['Connection'].lower() == 'close'
+    # Refused on its headers: the final answer at once, no 100, nothing read.
+    too_big = [('Expect', '100-continue'), ('Content-Length', '10000000000')]
+    for path, headers, status in (('/nowhere', expect, b'404'), ('/?env=../x', expect, b'400'),
+                                  ('/?env=tyl-health-check', expect, b'400'),
+                                  ('/lock', expect, b'400'), ('/?env=app', too_big, b'413')):
+        with RawConnection(tyl_server, timeout=5) as raw:
+            raw.send(raw_request('POST', path, headers=headers, length=False))
+            answer = raw.sock.recv(4096)
+            assert answer.startswith(b'HTTP/1.1 ' + status + b' '), (path, answer)
+            assert b'\r\nConnection: close\r\n' in answer, (path, answer)

@@ -84,6 +84,22 @@ def test_an_unlock_waits_for_the_write_under_way(store):
     assert unlocked == [True]
 
 
+def test_a_lock_waits_for_a_write_under_way_that_saw_no_lock(store):
+    """With no lock row to hold, the write holds the environment's advisory
+    lock: a LOCK through another server commits after it, so the write
+    never lands under a lock taken meanwhile."""
+    with admin_in_schema(store) as db, db.transaction():
+        db.execute('SELECT pg_advisory_xact_lock(%s, hashtext(%s))',
+                   (sys.modules[store.cls.__module__].ENVIRONMENT_LOCKS, 'env'))
+        locked = []
+        locker = threading.Thread(target=lambda: locked.append(lock(store.new(), L1)))
+        locker.start()
+        locker.join(1)
+        assert locker.is_alive() and not locked
+    locker.join(30)
+    assert locked == [True]
+
+
 def test_a_blocked_row_ends_at_the_statement_timeout(tmp_path):
     blocked = Store(POSTGRES, str(tmp_path), POSTGRES_STATEMENT_TIMEOUT=1)
     instance = blocked.new()
