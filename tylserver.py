@@ -983,7 +983,11 @@ class Environment(object):
             current_serial = None
         if _whole_number(current_serial):
             serial = max(serial, current_serial)
-        return with_serial(old, serial + 1), serial + 1
+        try:
+            return with_serial(old, serial + 1), serial + 1
+        except ValueError:  # more digits than Python writes out (sys.get_int_max_str_digits)
+            raise Refusal(409, 'the serial of version %s is too large to go one above'
+                          % _printable(version)[:80])
 
     def status(self):
         with self.mutex:

@@ -164,6 +164,16 @@ def test_restore_stores_the_old_bytes_with_the_next_serial(server):
     assert lock(server, 'app', lock_info('after'))[0] == 200    # the restore's lock is gone
 
 
+def test_restore_of_a_serial_too_large_to_write_one_above_is_409(tyl_server):
+    huge = b'{"version": 4, "serial": ' + b'9' * 4300 + b', "lineage": "l"}'
+    assert write(tyl_server, 'app', huge)[0] == 200
+    version = history(tyl_server)[0]['version']
+    status, _, body = req(tyl_server, 'POST', '/restore?env=app&version=' + version)
+    assert (status, body) == (409, b'the serial of version %s is too large to go one above\n'
+                              % version.encode())
+    assert get_state(tyl_server, 'app') == huge
+
+
 def test_restore_refuses_while_the_environment_is_locked(tyl_server):
     write_three_states(tyl_server)
     holder = lock_info('held-by-bob', who='bob@ci-02')
