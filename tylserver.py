@@ -3264,8 +3264,18 @@ def _skip_unlogged_record_fields():
     logging.logMultiprocessing = False
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, with a hint for the usual slip: `tylserver.py envs
+    --config FILE`, where the config belongs before the command."""
+
+    def error(self, message):
+        if message.startswith('unrecognized arguments: --config'):
+            message += ' (--config goes before the command: tylserver.py --config FILE COMMAND)'
+        super().error(message)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog='tylserver', description=__doc__.split('\n')[0])
+    parser = ArgumentParser(prog='tylserver', description=__doc__.split('\n')[0])
     parser.add_argument('--config', help='config file (default: config.yaml beside tylserver.py)')
     parser.add_argument('--check-config', action='store_true',
                         help='load the config and the plugins, report, and exit')

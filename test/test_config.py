@@ -225,3 +225,10 @@ def test_runtime_code_runs_on_python_3_8():
                              '--eval-annotations', '-t=3.8-'] + files,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_config_given_after_the_command_is_told_where_it_goes(tmp_path):
+    result = run_tylserver('envs', '--config', write_config(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith(
+        '(--config goes before the command: tylserver.py --config FILE COMMAND)')
