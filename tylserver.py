@@ -858,7 +858,10 @@ class Environment(object):
             holder = backend.get_lock_state()
             if holder and lock_id != tylstore.lock_id(holder):
                 return lock_reply(409, holder)
-            backend.delete_tfstate()
+            if self.plugins.backend_class.RAW_BYTES:   # checked again, as a write is
+                backend.delete_tfstate(holder_id=tylstore.lock_id(holder))
+            else:
+                backend.delete_tfstate()
         return Reply(200, b'', None)
 
     # -- history, restore and the admin commands ----------------------------

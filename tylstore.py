@@ -171,7 +171,8 @@ class TYLPersistent(abc.ABC):
 
     def delete_tfstate(self, **kwargs):
         """Optional: remove the stored state.  A backend that does not
-        override this answers DELETE with 405."""
+        override this answers DELETE with 405.  A RAW_BYTES backend gets
+        `holder_id` as store_tfstate does, to check again."""
         raise NotImplementedError('%s cannot delete state' % type(self).__name__)
 
     def open_tfstate(self):

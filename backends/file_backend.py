@@ -94,6 +94,9 @@ class FileBackend(TYLPersistent):
         # Directories with an entry not yet fsynced (see _in_directory).
         self._unsynced = set()
         self._crash_leftovers_removed = False
+        # Until when a change fails at once rather than wait for the flock
+        # (see _wait_for_flock).
+        self._flock_stalled_until = 0.0
 
     def _in_directory(self, write, path, data):
         """Run `write(path, data)`, creating the environment's directories
@@ -160,13 +163,17 @@ class FileBackend(TYLPersistent):
         """Take the flock, waiting FLOCK_WAIT seconds at most for another
         process's change: past that, BackendUnavailable (a 503, which
         Terraform retries) rather than a request that hangs, holding the
-        environment's mutex, behind a stopped or stalled process."""
-        deadline, pause = time.monotonic() + FLOCK_WAIT, 0.001
+        environment's mutex, behind a stopped or stalled process.  For
+        FLOCK_WAIT after such a wait, changes try once and fail at once, so
+        that requests queued behind the first do not wait in turn."""
+        now, pause = time.monotonic(), 0.001
+        deadline = now if now < self._flock_stalled_until else now + FLOCK_WAIT
         while True:
             try:
                 return fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if time.monotonic() >= deadline:
+                    self._flock_stalled_until = time.monotonic() + FLOCK_WAIT
                     raise BackendUnavailable('env %s: another process has held %s for %g s'
                                              % (self.environment, self.flock_path, FLOCK_WAIT))
                 time.sleep(pause)
@@ -375,11 +382,15 @@ class FileBackend(TYLPersistent):
             return False
 
     def delete_tfstate(self, **kwargs):
-        try:
-            os.unlink(self.state_path)
-        except FileNotFoundError:
-            return
-        fsync_path(self.directory)
+        with self._exclusive(create=False) as held:
+            if not held:
+                return
+            self._check_holder(kwargs.get('holder_id'))
+            try:
+                os.unlink(self.state_path)
+            except FileNotFoundError:
+                return
+            fsync_path(self.directory)
 
     def backend_status(self):
         return {

@@ -154,15 +154,21 @@ class PostgresBackend(TYLPersistent):
         body, holder_id = kwargs['raw_bytes'], kwargs.get('holder_id')
         with self.pool.connection() as db, db.transaction():
             self._exclude_changes(db)
-            if holder_id is not None:
-                held = db.execute('SELECT id FROM tflock WHERE environment = %s FOR SHARE',
-                                  (self.environment,)).fetchone()
-                if (held[0] if held else '') != holder_id:
-                    raise LockChanged(self.environment)
+            self._check_holder(db, holder_id)
             db.execute('INSERT INTO tfstate (environment, state) VALUES (%s, %b) '
                        'ON CONFLICT (environment) DO UPDATE SET state = EXCLUDED.state',
                        (self.environment, body))
             self._keep_version(db, body, kwargs.get('metadata') or {})
+
+    def _check_holder(self, db, holder_id):
+        """Raise LockChanged unless the lock is still the one the server saw
+        (`holder_id`, '' for none; None when the caller checked nothing),
+        holding its row until the transaction ends."""
+        if holder_id is not None:
+            held = db.execute('SELECT id FROM tflock WHERE environment = %s FOR SHARE',
+                              (self.environment,)).fetchone()
+            if (held[0] if held else '') != holder_id:
+                raise LockChanged(self.environment)
 
     def _exclude_changes(self, db):
         """Take the environment's transaction-level advisory lock, which a
@@ -198,8 +204,12 @@ class PostgresBackend(TYLPersistent):
         return self._value('SELECT state FROM tfstate WHERE environment = %s') or b''
 
     def delete_tfstate(self, **kwargs):
-        """Remove the state; its versions stay in the history."""
-        self._execute('DELETE FROM tfstate WHERE environment = %s', self.environment)
+        """Remove the state, checked against the lock as store_tfstate
+        checks; its versions stay in the history."""
+        with self.pool.connection() as db, db.transaction():
+            self._exclude_changes(db)
+            self._check_holder(db, kwargs.get('holder_id'))
+            db.execute('DELETE FROM tfstate WHERE environment = %s', (self.environment,))
 
     def list_versions(self):
         _, rows = self._execute(

@@ -109,15 +109,21 @@ class SQLiteBackend(TYLPersistent):
         """One transaction: never half a state, never a state without its
         version, and never a state stored after another server process on
         the database changed the lock the server saw (`holder_id`)."""
-        state, holder_id = kwargs['raw_bytes'], kwargs.get('holder_id')
+        state = kwargs['raw_bytes']
         with _transaction(self.db) as db:
-            if holder_id is not None and holder_id != (self._value(
-                    'SELECT id FROM tflock WHERE environment = ?') or ''):
-                raise LockChanged(self.environment)
+            self._check_holder(kwargs.get('holder_id'))
             db.execute('INSERT OR REPLACE INTO tfstate (environment, state) VALUES (?, ?)',
                        (self.environment, state))
             if self.constants.HISTORY_KEEP:
                 self._add_version(db, state, kwargs['metadata'])
+
+    def _check_holder(self, holder_id):
+        """Raise LockChanged unless the lock is still the one the server saw
+        (`holder_id`, '' for none; None when the caller checked nothing);
+        call in the transaction that changes the state."""
+        if holder_id is not None and holder_id != (
+                self._value('SELECT id FROM tflock WHERE environment = ?') or ''):
+            raise LockChanged(self.environment)
 
     def get_tfstate(self):
         return self._value('SELECT state FROM tfstate WHERE environment = ?') or b''
@@ -144,7 +150,9 @@ class SQLiteBackend(TYLPersistent):
         return [environment for environment, in rows]
 
     def delete_tfstate(self, **kwargs):
-        self.db.execute('DELETE FROM tfstate WHERE environment = ?', (self.environment,))
+        with _transaction(self.db) as db:
+            self._check_holder(kwargs.get('holder_id'))
+            db.execute('DELETE FROM tfstate WHERE environment = ?', (self.environment,))
 
     def backend_status(self):
         return {

@@ -409,6 +409,9 @@ def test_a_write_whose_lock_another_server_changed_meanwhile_stores_nothing(stor
         store_state(a, big_state('late', 100), holder=L1, holder_id=id1)
     with pytest.raises(tylstore.LockChanged):     # written without a lock, none being seen
         store_state(a, big_state('unlocked', 100), holder_id='')
+    for stale in (id1, ''):                         # and a DELETE likewise
+        with pytest.raises(tylstore.LockChanged):
+            a.delete_tfstate(holder_id=stale)
     assert_stored(a, a.get_tfstate(), big_state('B', 100))
     if store.backend.keeps_history:
         assert len(a.list_versions()) == 2
@@ -919,6 +922,9 @@ def test_a_sqlite_database_locked_past_the_busy_timeout_is_a_503(tmp_path, monke
     assert_stored(instance, instance.get_tfstate(), SMALL_STATE)
 
 
+fcntl_flock = fcntl.flock
+
+
 @pytest.mark.parametrize('store', FILE_STORES, indirect=True)
 def test_a_change_waits_for_another_process_flock_a_bounded_time(store, monkeypatch):
     # A process stopped while it holds the flock, as SIGSTOP or a stalled
@@ -929,11 +935,22 @@ def test_a_change_waits_for_another_process_flock_a_bounded_time(store, monkeypa
     held = os.open(os.path.join(store.storage, 'env', '.flock'), os.O_RDWR)
     try:
         fcntl.flock(held, fcntl.LOCK_EX)
-        for change in (lambda: lock(instance, L1), lambda: store_state(instance, TRICKY_STATE)):
+        started = time.monotonic()
+        with pytest.raises(tylstore.BackendUnavailable, match='another process has held'):
+            lock(instance, L1)
+        assert time.monotonic() - started >= 0.3
+        # Those queued behind it, while the stall lasts, fail at once: tried once.
+        tries = []
+        monkeypatch.setattr(sys.modules['file_backend'].fcntl, 'flock',
+                            lambda *args: tries.append(args) or fcntl_flock(*args))
+        for change in (lambda: lock(instance, L1), lambda: store_state(instance, TRICKY_STATE),
+                       lambda: unlock(instance, L1)):
             with pytest.raises(tylstore.BackendUnavailable, match='another process has held'):
                 change()
+        assert len(tries) == 3
     finally:
         os.close(held)      # the kernel releases the flock with its last descriptor
+    time.sleep(0.35)        # past the stall
     assert lock(instance, L1)
     assert_stored(instance, instance.get_tfstate(), SMALL_STATE)
 
