@@ -1889,8 +1889,8 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.check_before_body(action, url)
                 self.send_continue()
                 body = self.read_body()
-                if action == 'unlock' and not body.strip():
-                    self.authorize(action, body)    # a force-unlock
+                if _is_force_unlock(action, body):
+                    self.authorize(action, 'admin')
                 reply = getattr(self, action)(body)
                 headers = [('Content-MD5', reply.content_md5)] if reply.content_md5 else []
             except Refusal as refusal:
@@ -2150,14 +2150,13 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
             refusal.close = refusal.close or self.announces_body()
             raise
 
-    def authorize(self, action, body=None):
-        """403 unless the user holds the level `action` needs; an UNLOCK with
-        an empty `body` is a force-unlock, and needs admin."""
+    def authorize(self, action, level=None):
+        """403 unless the user holds `level`, by default the one `action`
+        needs."""
         access = self.server.access
         if not access.required:
             return
-        level = 'admin' if action == 'unlock' and body is not None and not body.strip() \
-            else self.PERMISSIONS[action]
+        level = level or self.PERMISSIONS[action]
         name = self.environment_name_of_query() if 'env' in self.query else None
         if not access.allows(self.user, level, name):
             raise Refusal(403, 'user %s has no %s access to %s' % (
@@ -2306,7 +2305,7 @@ class TYLRequestHandler(http.server.BaseHTTPRequestHandler):
         and for a force-unlock (Terraform's, or the dashboard's form) the
         one it found held."""
         name = self.AUDITED_ACTIONS[action]
-        if name == 'force-unlock' or action == 'unlock' and not body.strip():
+        if name == 'force-unlock' or _is_force_unlock(action, body):
             name, lock = 'force-unlock', self.released_lock
         elif action in ('lock', 'unlock'):
             lock = tylstore.lock_info(body)
@@ -2335,6 +2334,11 @@ def _status_or_error(environment):
     except Exception as error:
         return {'environment_name': environment.name,
                 'error': '%s: %s' % (type(error).__name__, _one_line(error))}
+
+
+def _is_force_unlock(action, body):
+    """Whether a request is Terraform's force-unlock: an UNLOCK with no LockInfo."""
+    return action == 'unlock' and not body.strip()
 
 
 def _content_md5(body):
@@ -2895,15 +2899,13 @@ def written_directories(constants):
 
 def check_before_start(constants):
     """Stop start-up, and --check-config, naming the key, for what the
-    config's values are wrong about: TLS files that do not load, a log that
-    is a directory, a directory where the server could not write.  Reads of
+    config's values are wrong about: a log that is a directory, a
+    directory where the server could not write.  Reads of
     a missing directory answer "no state", so /health and every GET would
     pass while each LOCK failed.  A temporary file is created and removed
     in the directory, or in its nearest existing parent when it is still to
     be made, which finds what permissions alone do not (a read-only mount,
     /proc, a full quota)."""
-    if constants.USE_SSL:
-        _ssl_context(constants)
     file_keys = [key for key, is_file in _backend_data_paths(constants) or [] if is_file]
     for key in file_keys + ['AUDIT_LOG', 'LOG_FILE']:
         if getattr(constants, key) and os.path.isdir(getattr(constants, key)):
@@ -3307,6 +3309,8 @@ def main(argv=None):
         _skip_unlogged_record_fields()
         plugins = load_plugins(constants)
         if args.check_config:
+            if constants.USE_SSL:   # loaded by TYLServer when serving
+                _ssl_context(constants)
             print('config OK: backend %s, post-processors [%s], listening address %s:%d, %s'
                   % (constants.BACKEND_CLASS, ', '.join(constants.POST_PROCESS_CLASSES),
                      constants.BACKEND_SERVICE_IP, constants.BACKEND_SERVICE_PORT,
